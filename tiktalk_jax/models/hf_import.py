@@ -79,6 +79,14 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
+def read_weights_file(file: str) -> dict[str, np.ndarray]:
+    """Reads one standalone weights file (not a HF directory) by its extension: `.safetensors`
+    without torch, anything else (`.pth`, `.pt`, `.bin`) as a torch state dict (weights_only)."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no weights file {file!r}")
+    return read_safetensors(file) if file.endswith(".safetensors") else _read_torch_bin(file)
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads all weights of the HF model directory `path` as numpy arrays keyed by HF name."""
     candidates = [
