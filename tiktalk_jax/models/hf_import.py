@@ -185,8 +185,19 @@ def assign_layer_norm(
 
 def abstract_module(constructor: Callable[[], nnx.Module]) -> nnx.Module:
     """Builds a module with shape-only parameters (no random init, no memory), to be filled by
-    `assign`; pair with `check_all_set` after loading."""
-    return nnx.eval_shape(constructor)
+    `assign`; pair with `check_all_set` after loading.
+
+    RNG streams (e.g. of dropout layers) are not weights: they get concrete values (seed 0), so
+    the loaded module is usable as is."""
+    module = nnx.eval_shape(constructor)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.RngState):
+            abstract = var.get_value()
+            if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+                var.set_value(jnp.broadcast_to(jax.random.key(0), abstract.shape))
+            else:
+                var.set_value(jnp.zeros(abstract.shape, abstract.dtype))
+    return module
 
 
 def check_all_set(module: nnx.Module, source: str = "checkpoint") -> None:
