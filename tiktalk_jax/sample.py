@@ -1,28 +1,269 @@
 """A deterministic synthetic TikTalk release in the raw layout (see docs/architecture.md).
 
-`python -m tiktalk_jax.sample OUT_DIR [--seed N]` writes the sample release.
+`python -m tiktalk_jax.sample OUT_DIR [--seed N]` writes, in about three seconds on one core:
+
+  OUT_DIR/train.json, val.json, test.json   {video_id: {"title", "category", "comments": [...]}}
+  OUT_DIR/videos/<video_id>.mp4             4 s, 10 fps, 112x112, mpeg4 + aac (16 kHz mono)
+  OUT_DIR/knowledge.tsv                     C3KG style `head<TAB>relation<TAB>tail`
+  OUT_DIR/sample_kinds.json                 {dialogue_id: "vision"|"audio"|"knowledge"|"text"}
+
+Each video shows ONE large saturated shape (红色/绿色/蓝色/黄色 x 圆/方块/三角) moving and turning
+on a plain grey background, with one loud clean sound: 高音 (1500 Hz tone), 低音 (200 Hz tone),
+哔哔声 (880 Hz beeps, 0.15 s on / 0.15 s off) or 沙沙的噪音 (white noise). Titles and
+categories never name these attributes, so only the media can tell them.
+
+Replies come in four kinds, and each kind needs one source of information:
+  vision     the context asks what is seen ("这是什么颜色的"); the reply names the colour and/or
+             shape ("这个红色的圆转得好快").
+  audio      the context asks what is heard; the reply names the sound ("一直是哔哔声").
+  knowledge  the context mentions an event that is a head of knowledge.tsv ("我室友每天都去跑步"
+             ~ "PersonX 每天跑步"); the reply uses its xAttr tail ("真是自律"). Some heads (and
+             their tails) occur only in val or only in test, so only a model that reads
+             knowledge.tsv can answer them.
+  text       the reply follows from the text alone (a question and its fitting answer, an
+             agreement with the previous turn, "同问" follow-ups).
+The mapping from attribute to key word is deterministic; wording varies over a few templates.
+
+Split shape: every train reply is one dialogue (context = its ancestor chain); a train video has
+a thread per kind, replies to replies and one three-deep chain. A val/test video has five
+contexts whose last turn has 5 or 6 direct replies sharing one key word (the 5-reference rule):
+one level-1 question per kind, plus one two-turn context ("question", "同问") of a rotating kind.
+sample_kinds.json is keyed like dialogue ids: `<video_id>/<reply id>` for train and
+`<video_id>/<id of the last context turn>` for val/test.
+
+The cleaning rules get content: @mentions ("@小王 "), laughter runs (哈哈哈哈哈哈, 233333),
+Douyin emoticons ([捂脸] [赞] [泣不成声]) and Unicode emoji are sprinkled over comments and a few
+titles; some replies are empty after cleaning (only emoticons or mentions); some genuine replies
+have likes 0; some level-1 comments have no replies.
+
+Deliberately bad items (each in a video of its own, on top of the 40/10/10 good videos, so the
+minimum counts hold whatever the builder does with them):
+  train  truncated mp4        the first third of a valid file (no moov atom: undecodable).
+  train  malformed record     "comments" is a string instead of a list (its mp4 is valid).
+  train  reply cycle          two extra replies whose reply_to point at each other.
+  train  duplicate comment id an extra reply reusing the id of another reply of that video.
+  train  no audio track       GOOD data: a valid mp4 without audio; keep it with has_audio False.
+  val    zero-byte mp4        an empty file.
+  test   missing mp4          a record whose videos/<video_id>.mp4 does not exist.
+  test   unsafe video id      a key containing "../" (no mp4 is written for it).
+sample_kinds.json leaves out the malformed and unsafe records and the cycle/duplicate replies.
+`write_sample` returns a summary with every video's attributes and the bad ids.
 """
 
 from __future__ import annotations
 
+import argparse
 import fractions
+import json
+import os
+from collections.abc import Sequence
 
 import av
 import numpy as np
 
-# libx264 with one thread and bitexact flags gives byte-identical files run to run; mpeg4 is the
-# fallback for FFmpeg builds without x264.
-_VIDEO_CODECS = ("libx264", "mpeg4")
+KINDS = ("vision", "audio", "knowledge", "text")
 
+FPS = 10
+NUM_FRAMES = 40  # 4 s
+FRAME_SIZE = 112
+SAMPLE_RATE = 16000
 
-def _pick_video_codec() -> str:
-    for name in _VIDEO_CODECS:
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:  # noqa: BLE001 - any failure means "not available in this build"
-            continue
-    raise RuntimeError(f"none of the video encoders {_VIDEO_CODECS} is available in PyAV")
+# name -> (key word used in replies, RGB). Fully saturated so even random CNN features split them.
+COLOURS = {
+    "red": ("红色", (255, 0, 0)),
+    "green": ("绿色", (0, 255, 0)),
+    "blue": ("蓝色", (0, 0, 255)),
+    "yellow": ("黄色", (255, 255, 0)),
+}
+SHAPES = {"circle": "圆", "square": "方块", "triangle": "三角"}
+SOUNDS = {"high": "高音", "low": "低音", "beeps": "哔哔声", "noise": "沙沙的噪音"}
+TONE_HZ = {"high": 1500.0, "low": 200.0, "beeps": 880.0}
+
+# Words that name an attribute; titles must contain none of them (tests check it).
+ATTRIBUTE_WORDS = (
+    "红",
+    "绿",
+    "蓝",
+    "黄",
+    "圆",
+    "方块",
+    "三角",
+    "高音",
+    "低音",
+    "哔",
+    "噪音",
+    "沙沙",
+)
+
+TITLES = (
+    "今天的日常",
+    "随手拍一段",
+    "周末快乐",
+    "猜猜这是什么",
+    "无聊做的小动画",
+    "新手第一次发视频",
+    "大家觉得怎么样",
+    "晚上好呀",
+    "记录一下",
+    "越看越上头",
+    "下班路上拍的",
+    "这个你们见过吗",
+)
+CATEGORIES = ("生活", "萌宠", "音乐", "游戏", "美食", "搞笑", "旅行", "科技")
+
+# Level-1 questions that ask about the picture, by what they ask for, and reply templates.
+VISION_QUESTIONS = {
+    "colour": ("这是什么颜色的", "这个颜色叫啥", "中间那个是什么颜色"),
+    "shape": ("这是什么形状", "这个是什么图形啊", "中间那个是啥形状"),
+    "both": ("视频里转的是啥", "我看到的是什么东西", "有人看清这是啥了吗"),
+}
+VISION_ANSWERS = {
+    "colour": (
+        "是{c}的",
+        "{c}啊",
+        "明显是{c}",
+        "{c}，很鲜艳",
+        "这不就是{c}嘛",
+        "我看是{c}",
+        "{c}的好看",
+    ),
+    "shape": (
+        "是个{s}",
+        "{s}啊",
+        "一个{s}在动",
+        "明显是{s}",
+        "这不就是{s}嘛",
+        "我看是{s}",
+        "就是{s}",
+    ),
+    "both": (
+        "一个{c}的{s}",
+        "这个{c}的{s}转得好快",
+        "{c}{s}啊",
+        "是{c}的{s}",
+        "我看到一个{c}{s}",
+        "{c}的{s}在动",
+        "明显是{c}{s}",
+    ),
+}
+AUDIO_QUESTIONS = ("这是什么声音", "背景音是啥", "这声音好上头，是什么", "有人听出来这是什么声吗")
+AUDIO_ANSWERS = (
+    "是{w}",
+    "一直是{w}",
+    "{w}好魔性",
+    "听到了{w}",
+    "这{w}太洗脑了",
+    "全是{w}",
+    "{w}，耳朵受不了",
+)
+
+# (how a comment says it, C3KG head, xAttr tail = the answer, xWant tail, xEffect tail). The xAttr
+# tail is the reply's key word; the other relations are there so retrieval has distractors.
+KNOWLEDGE_TRAIN = (
+    ("每天都去跑步", "PersonX 每天跑步", "自律", "保持身材", "身体变好"),
+    ("天天熬夜打游戏", "PersonX 熬夜打游戏", "贪玩", "通关", "第二天犯困"),
+    ("把工资都捐了", "PersonX 捐出工资", "大方", "帮助别人", "自己没钱花"),
+    ("一口气吃了十个包子", "PersonX 吃了很多包子", "能吃", "再来一碗", "撑着了"),
+    ("每周都给妈妈打电话", "PersonX 给妈妈打电话", "孝顺", "多陪陪家人", "妈妈很开心"),
+    ("天天记账", "PersonX 每天记账", "节俭", "存钱", "攒下一笔钱"),
+    ("下雨天把伞让给陌生人", "PersonX 把伞让给陌生人", "热心", "帮陌生人挡雨", "自己淋湿了"),
+    ("一个人去爬雪山", "PersonX 独自爬雪山", "勇敢", "登上山顶", "累得不行"),
+    ("给女朋友准备了惊喜", "PersonX 给女朋友准备惊喜", "浪漫", "让她开心", "女朋友很感动"),
+    ("整天躺在床上刷手机", "PersonX 躺着刷手机", "懒", "继续躺着", "颈椎疼"),
+    ("把房间收拾得一尘不染", "PersonX 打扫房间", "爱干净", "住得舒服", "房间很整洁"),
+    ("讲笑话把大家逗笑了", "PersonX 讲笑话", "幽默", "逗大家开心", "大家都笑了"),
+    ("每天练琴三小时", "PersonX 每天练琴", "勤奋", "开演奏会", "琴技进步"),
+    ("排队三小时买奶茶", "PersonX 排队买奶茶", "有耐心", "喝到奶茶", "腿酸"),
+    ("考试前一晚才开始复习", "PersonX 考前突击复习", "拖延", "及格就行", "很焦虑"),
+    ("养了五只猫", "PersonX 养了很多猫", "爱猫", "再养一只", "家里都是猫毛"),
+)
+KNOWLEDGE_VAL_ONLY = (
+    ("每天早起背单词", "PersonX 早起背单词", "好学", "考过四级", "词汇量变大"),
+    ("把零花钱一分不花全存起来", "PersonX 存零花钱", "精打细算", "买想要的东西", "存钱罐满了"),
+    ("半夜起来给邻居修水管", "PersonX 帮邻居修水管", "仗义", "帮上忙", "没睡好"),
+    ("自己做了一桌子菜", "PersonX 做了一桌菜", "贤惠", "请朋友吃饭", "大家吃得很饱"),
+)
+KNOWLEDGE_TEST_ONLY = (
+    ("坚持写了十年日记", "PersonX 坚持写日记", "有毅力", "记录生活", "攒了很多本子"),
+    ("上台前一直发抖", "PersonX 上台前发抖", "紧张", "快点结束", "忘词了"),
+    ("把捡到的钱包交给了警察", "PersonX 上交捡到的钱包", "诚实", "找到失主", "失主很感激"),
+    ("一次买了二十双鞋", "PersonX 买了很多鞋", "败家", "再买几双", "钱包空了"),
+)
+# Heads no dialogue mentions: retrieval has to rank them below the right one.
+KNOWLEDGE_DISTRACTORS = (
+    ("", "PersonX 去看电影", "悠闲", "买爆米花", "看哭了"),
+    ("", "PersonX 学开车", "认真", "拿到驾照", "练得很累"),
+    ("", "PersonX 搬家", "忙碌", "找个好房子", "累坏了"),
+    ("", "PersonX 种花", "有情调", "看花开", "阳台变美"),
+    ("", "PersonX 丢了钥匙", "粗心", "找回钥匙", "进不了门"),
+    ("", "PersonX 过生日", "开心", "许愿", "收到礼物"),
+)
+_O_REACT = ("佩服", "羡慕", "心疼", "好笑", "感动", "惊讶")
+KNOWLEDGE_SUBJECTS = ("我室友", "我朋友", "我哥", "我同事", "隔壁小哥", "我表弟")
+KNOWLEDGE_ANSWERS = (
+    "真是{t}",
+    "太{t}了吧",
+    "这也太{t}了",
+    "一看就很{t}",
+    "好{t}啊",
+    "果然{t}",
+    "{t}本人了",
+)
+KNOWLEDGE_FOLLOW_UPS = (
+    "真的，他超{t}",
+    "是真的，特别{t}",
+    "当然是真的，太{t}了",
+    "真的，一直都很{t}",
+    "不骗你，真的很{t}",
+    "千真万确，很{t}",
+)
+
+# (question variants, key phrase of the fitting answer).
+TEXT_ITEMS = (
+    (("今天好冷啊", "冻死我了"), "多穿点衣服"),
+    (("好困啊", "困死了"), "快去睡觉"),
+    (("外面下雨了", "又下雨了"), "记得带伞"),
+    (("早上好", "大家早"), "早安"),
+    (("我饿了", "好饿啊"), "快去吃饭"),
+    (("明天考试", "要考试了好慌"), "考试加油"),
+    (("今天我生日", "今天是我生日"), "生日快乐"),
+    (("周末去哪玩", "周末干嘛去"), "去公园"),
+    (("晚上吃什么", "今晚吃啥"), "吃火锅"),
+    (("你们喜欢夏天吗", "有人喜欢夏天吗"), "喜欢夏天"),
+    (("我失恋了", "分手了好难过"), "抱抱你"),
+    (("晚安", "睡了睡了"), "晚安好梦"),
+)
+TEXT_ANSWERS = ("{k}", "{k}吧", "{k}呀", "那就{k}", "{k}就对了", "嗯嗯，{k}", "必须{k}")
+TEXT_AGREE = (
+    "同意，{k}",
+    "对对对，{k}",
+    "{k}+1",
+    "说得对，{k}",
+    "我也觉得{k}",
+    "赞同，{k}",
+    "没错，{k}",
+)
+TEXT_CHAIN_END = ("握个手", "英雄所见略同", "击掌")
+
+# The second turn of two-turn contexts, by the kind of the first turn.
+SAME_QUESTION = {
+    "vision": ("同问", "我也没看清", "同问同问"),
+    "audio": ("我也想知道", "同问", "没听出来"),
+    "knowledge": ("真的假的", "真的吗"),
+}
+
+# Decorations the builder's cleaning must remove again.
+_MENTIONS = ("@小王 ", "@阿杰 ", "@momo ")
+_EMOTICONS = ("[捂脸]", "[赞]", "[泣不成声]", "[666]", "😂", "👍", "🐱", "❤️")
+_LAUGHS = ("哈哈哈哈哈哈", "233333", "哈哈哈哈哈哈哈哈")
+_EMPTY_AFTER_CLEANING = ("[赞][赞][赞]", "@小王 @阿杰 ", "😂😂😂", "[捂脸]", "👍")
+_LONELY_TOP = ("第一", "来了来了", "前排", "打卡")
+
+# mpeg4 (MPEG-4 Part 2) is FFmpeg's own encoder, present in every build and bit-exact run to run.
+# libx264 is not: in PyAV's bundled build its output bytes (and decoded pixels) vary between runs
+# of the same process even with one thread, which would break the byte-identical promise.
+_VIDEO_CODEC = "mpeg4"
+_VIDEO_BIT_RATE = 400_000  # about 20 kB a second at 112x112; the default 200k smears edges
 
 
 def write_video(
@@ -32,7 +273,7 @@ def write_video(
     audio: np.ndarray | None,
     sample_rate: int = 16000,
 ) -> None:
-    """Writes an mp4 (h264 or mpeg4 video, aac mono audio) with PyAV.
+    """Writes an mp4 (mpeg4 video, aac mono audio) with PyAV; the same input gives the same bytes.
 
     Args:
       path: output file, usually `<dir>/<video_id>.mp4`.
@@ -49,17 +290,14 @@ def write_video(
     n, h, w, _ = frames.shape
     if n == 0 or h % 2 or w % 2:
         raise ValueError(f"need at least one frame and even H, W; got {list(frames.shape)}")
-    codec = _pick_video_codec()
     with av.open(path, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         container.flags |= av.container.Flags.bitexact.value
-        vstream = container.add_stream(codec, rate=fps)
+        vstream = container.add_stream(_VIDEO_CODEC, rate=fps)
         vstream.width, vstream.height = w, h
         vstream.pix_fmt = "yuv420p"
+        vstream.bit_rate = _VIDEO_BIT_RATE
         vstream.codec_context.thread_count = 1
         vstream.codec_context.flags |= av.codec.context.Flags.bitexact.value
-        if codec == "libx264":
-            # A fixed quality; small shapes on flat backgrounds compress to a few kB.
-            vstream.codec_context.options = {"crf": "18", "preset": "veryfast"}
         astream = None
         if audio is not None:
             astream = container.add_stream("aac", rate=sample_rate, layout="mono")
@@ -87,3 +325,434 @@ def write_video(
                     container.mux(packet)
             for packet in astream.encode():
                 container.mux(packet)
+
+
+def render_frames(colour: str, shape: str, rng: np.random.Generator) -> np.ndarray:
+    """Draws one large shape moving on a circle and turning, on a plain grey background.
+
+    Returns:
+      uint8[NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3].
+    """
+    size = FRAME_SIZE
+    grey = int(rng.integers(150, 215))
+    radius = size * rng.uniform(0.25, 0.3)  # a shape covers a fifth to a quarter of the frame
+    orbit = size * rng.uniform(0.05, 0.09)  # orbit + 1.3 radius < size / 2: always in frame
+    phase, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.35) * rng.choice([-1, 1])
+    turn, spin = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.3) * rng.choice([-1, 1])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    rgb = np.array(COLOURS[colour][1], np.uint8)
+    frames = np.full((NUM_FRAMES, size, size, 3), grey, np.uint8)
+    for i in range(NUM_FRAMES):
+        cx = size / 2 + orbit * np.cos(phase + speed * i)
+        cy = size / 2 + orbit * np.sin(phase + speed * i)
+        if shape == "circle":
+            inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+        else:
+            n, r = (4, radius * 1.1) if shape == "square" else (3, radius * 1.3)
+            angles = turn + spin * i + 2 * np.pi * np.arange(n) / n
+            vx, vy = cx + r * np.cos(angles), cy + r * np.sin(angles)
+            # Inside a convex polygon with counter-clockwise vertices: left of every edge.
+            inside = np.ones((size, size), bool)
+            for k in range(n):
+                ex, ey = vx[(k + 1) % n] - vx[k], vy[(k + 1) % n] - vy[k]
+                inside &= ex * (yy - vy[k]) - ey * (xx - vx[k]) >= 0
+        frames[i][inside] = rgb
+    return frames
+
+
+def render_audio(sound: str, rng: np.random.Generator) -> np.ndarray:
+    """A loud, clean sound of the video's length.
+
+    Returns:
+      float32[NUM_FRAMES / FPS * SAMPLE_RATE] in [-1, 1].
+    """
+    n = NUM_FRAMES * SAMPLE_RATE // FPS
+    t = np.arange(n) / SAMPLE_RATE
+    if sound == "noise":
+        return np.clip(rng.normal(0.0, 0.25, n), -1, 1).astype(np.float32)
+    wave = 0.5 * np.sin(2 * np.pi * TONE_HZ[sound] * t + rng.uniform(0, 2 * np.pi))
+    if sound == "beeps":
+        wave *= (t % 0.3) < 0.15
+    return wave.astype(np.float32)
+
+
+class _Comments:
+    """Builds one video's comment list and records the kind of each dialogue it makes."""
+
+    def __init__(self, video_id: str, rng: np.random.Generator, next_id, kinds: dict):
+        self.video_id, self.rng, self.next_id, self.kinds = video_id, rng, next_id, kinds
+        self.comments: list[dict] = []
+
+    def decorate(self, text: str, p: float = 0.2) -> str:
+        """Adds a mention, emoticon or laughter run with probability `p`; cleaning undoes it."""
+        if self.rng.random() >= p:
+            return text
+        choice = self.rng.integers(3)
+        if choice == 0:
+            return str(self.rng.choice(_MENTIONS)) + text
+        if choice == 1:
+            return text + str(self.rng.choice(_EMOTICONS))
+        return text + str(self.rng.choice(_LAUGHS))
+
+    def top(self, text: str) -> dict:
+        comment = {
+            "id": self.next_id(),
+            "text": self.decorate(text),
+            "likes": int(self.rng.integers(20, 3000)),
+            "replies": [],
+        }
+        self.comments.append(comment)
+        return comment
+
+    def reply(
+        self,
+        top: dict,
+        text: str,
+        to: dict | None = None,
+        kind: str | None = None,
+        likes: int | None = None,
+        decorate: bool = True,
+    ) -> dict:
+        """Adds a reply under `top` answering `to` (None: the level-1 comment).
+
+        `kind` set: the reply is a train dialogue of that kind.
+        """
+        reply = {
+            "id": self.next_id(),
+            "text": self.decorate(text) if decorate else text,
+            "likes": int(self.rng.integers(1, 300)) if likes is None else likes,
+            "reply_to": None if to is None else to["id"],
+        }
+        top["replies"].append(reply)
+        if kind is not None:
+            self.kinds[f"{self.video_id}/{reply['id']}"] = kind
+        return reply
+
+    def pick(self, options: Sequence[str], k: int) -> list[str]:
+        idx = self.rng.choice(len(options), size=k, replace=False)
+        return [options[i] for i in idx]
+
+
+def _question(kind: str, video: dict, know: tuple, rng: np.random.Generator):
+    """A kind's opening turn and the reply templates (already filled) that fit it.
+
+    Returns:
+      (question, answers, follow_up_answers): `follow_up_answers` fit the two-turn context
+      (question, SAME_QUESTION[kind]) for vision/audio/knowledge, and (question, answer) for text.
+    """
+    if kind == "vision":
+        ask = str(rng.choice(list(VISION_QUESTIONS)))
+        c, s = COLOURS[video["colour"]][0], SHAPES[video["shape"]]
+        answers = [a.format(c=c, s=s) for a in VISION_ANSWERS[ask]]
+        return str(rng.choice(VISION_QUESTIONS[ask])), answers, answers
+    if kind == "audio":
+        w = SOUNDS[video["sound"]]
+        answers = [a.format(w=w) for a in AUDIO_ANSWERS]
+        return str(rng.choice(AUDIO_QUESTIONS)), answers, answers
+    if kind == "knowledge":
+        event, _, tail = know[:3]
+        question = str(rng.choice(KNOWLEDGE_SUBJECTS)) + event
+        answers = [a.format(t=tail) for a in KNOWLEDGE_ANSWERS]
+        return question, answers, [a.format(t=tail) for a in KNOWLEDGE_FOLLOW_UPS]
+    questions, key = TEXT_ITEMS[int(rng.integers(len(TEXT_ITEMS)))]
+    answers = [a.format(k=key) for a in TEXT_ANSWERS]
+    return str(rng.choice(questions)), answers, [a.format(k=key) for a in TEXT_AGREE]
+
+
+def _train_comments(c: _Comments, video: dict, know: tuple) -> None:
+    """One thread per kind, 6 dialogues each: vision/audio/knowledge get 5 direct answers, a
+    "同问"-style turn (a text dialogue) and an answer to that; text gets a three-deep chain
+    (answer, agreement, "握个手")."""
+    kinds = [k for k in KINDS if video["has_audio"] or k != "audio"]
+    for kind in kinds:
+        question, answers, follow = _question(kind, video, know, c.rng)
+        top = c.top(question)
+        if kind == "text":
+            first = c.reply(top, str(c.rng.choice(answers)), kind=kind)
+            agree = c.reply(top, c.pick(follow, 1)[0], to=first, kind=kind)
+            c.reply(top, str(c.rng.choice(TEXT_CHAIN_END)), to=agree, kind=kind)
+        else:
+            for text in c.pick(answers, 5):
+                c.reply(top, text, kind=kind)
+            same = c.reply(top, str(c.rng.choice(SAME_QUESTION[kind])), kind="text")
+            c.reply(top, c.pick(follow, 1)[0], to=same, kind=kind)
+        if c.rng.random() < 0.2:  # a genuine answer nobody liked
+            c.reply(top, str(c.rng.choice(answers)), kind=kind, likes=0)
+        if c.rng.random() < 0.15:  # nothing left after cleaning: no dialogue
+            c.reply(top, str(c.rng.choice(_EMPTY_AFTER_CLEANING)), decorate=False)
+    if c.rng.random() < 0.3:
+        c.top(str(c.rng.choice(_LONELY_TOP)))
+
+
+def _eval_context(c: _Comments, top: dict, to: dict | None, answers: list[str], kind: str):
+    """5 or 6 direct replies sharing one key word, sometimes a likes-0 or empty one on top."""
+    for text in c.pick(answers, int(c.rng.integers(5, 7))):
+        c.reply(top, text, to=to)
+    if c.rng.random() < 0.2:
+        c.reply(top, str(c.rng.choice(answers)), to=to, likes=0)
+    if c.rng.random() < 0.2:
+        c.reply(top, str(c.rng.choice(_EMPTY_AFTER_CLEANING)), to=to, decorate=False)
+    last = top if to is None else to
+    c.kinds[f"{c.video_id}/{last['id']}"] = kind
+
+
+def _eval_comments(c: _Comments, video: dict, knows: list[tuple], deep_kind: str) -> None:
+    """Four one-turn contexts (one per kind) and one two-turn context of `deep_kind`."""
+    for kind in KINDS:
+        question, answers, _ = _question(kind, video, knows[0], c.rng)
+        top = c.top(question)
+        _eval_context(c, top, None, answers, kind)
+    question, answers, follow = _question(deep_kind, video, knows[1], c.rng)
+    top = c.top(question)
+    if deep_kind == "text":
+        second = c.reply(top, str(c.rng.choice(answers)))
+    else:
+        second = c.reply(top, str(c.rng.choice(SAME_QUESTION[deep_kind])))
+    _eval_context(c, top, second, follow, deep_kind)
+    if c.rng.random() < 0.3:
+        c.top(str(c.rng.choice(_LONELY_TOP)))
+
+
+def write_knowledge(path: str, rng: np.random.Generator) -> int:
+    """Writes knowledge.tsv (header `head<TAB>relation<TAB>tail`); returns the number of rows."""
+    rows = []
+    entries = KNOWLEDGE_TRAIN + KNOWLEDGE_VAL_ONLY + KNOWLEDGE_TEST_ONLY + KNOWLEDGE_DISTRACTORS
+    for _, head, attr, want, effect in entries:
+        rows += [(head, "xAttr", attr), (head, "xWant", want), (head, "xEffect", effect)]
+        rows.append((head, "oReact", str(rng.choice(_O_REACT))))
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("head\trelation\ttail\n")
+        f.writelines(f"{h}\t{r}\t{t}\n" for h, r, t in rows)
+    return len(rows)
+
+
+# The bad items, by split; each is a video of its own (see the module docstring).
+_BAD = {
+    "train": (
+        "no_audio",
+        "truncated_mp4",
+        "malformed_record",
+        "reply_cycle",
+        "duplicate_comment_id",
+    ),
+    "val": ("zero_byte_mp4",),
+    "test": ("missing_mp4", "unsafe_video_id"),
+}
+_GOOD_VIDEOS = {"train": 40, "val": 10, "test": 10}
+_EVAL_ONLY_HEADS = {"val": KNOWLEDGE_VAL_ONLY, "test": KNOWLEDGE_TEST_ONLY}
+
+
+def _balanced(options: Sequence[str], n: int, rng: np.random.Generator) -> list[str]:
+    """`n` values cycling through `options`, shuffled: every value appears about equally often."""
+    return [str(v) for v in rng.permutation(np.resize(np.array(options), n))]
+
+
+def _eval_knowledge(n: int, deep: list[str], split: str, rng) -> list[tuple[tuple, tuple]]:
+    """(one-turn head, two-turn head) per good eval video: about half the knowledge contexts use
+    a head only this split has, the rest train heads."""
+    slots = n + deep.count("knowledge")
+    only = _EVAL_ONLY_HEADS[split]
+    heads = [only[i % len(only)] for i in range((slots + 1) // 2)]
+    picks = rng.integers(len(KNOWLEDGE_TRAIN), size=slots - len(heads))
+    heads += [KNOWLEDGE_TRAIN[int(i)] for i in picks]
+    heads = [heads[int(i)] for i in rng.permutation(slots)]
+    out, extra = [], n
+    for i in range(n):
+        second = heads[i]
+        if deep[i] == "knowledge":
+            second, extra = heads[extra], extra + 1
+        out.append((heads[i], second))
+    return out
+
+
+def _digits(rng: np.random.Generator, taken: set[str]) -> str:
+    """A fresh 19-digit id like Douyin's (6.9e18 .. 7.3e18)."""
+    while True:
+        value = str(int(rng.integers(6_900_000_000_000_000_000, 7_300_000_000_000_000_000)))
+        if value not in taken:
+            taken.add(value)
+            return value
+
+
+def _plan_videos(rng: np.random.Generator) -> list[dict]:
+    """Every video of the release: split, id, attributes, the bad item it carries (or None)."""
+    taken: set[str] = set()
+    videos = []
+    for split, n in _GOOD_VIDEOS.items():
+        colours = _balanced(list(COLOURS), n, rng)
+        shapes = _balanced(list(SHAPES), n, rng)
+        sounds = _balanced(list(SOUNDS), n, rng)
+        for i in range(n):
+            videos.append(
+                dict(split=split, colour=colours[i], shape=shapes[i], sound=sounds[i], bad=None)
+            )
+        for bad in _BAD[split]:
+            videos.append(
+                dict(
+                    split=split,
+                    colour=str(rng.choice(list(COLOURS))),
+                    shape=str(rng.choice(list(SHAPES))),
+                    sound=str(rng.choice(list(SOUNDS))),
+                    bad=bad,
+                )
+            )
+    for video in videos:
+        video["id"] = _digits(rng, taken)
+        if video["bad"] == "unsafe_video_id":
+            video["id"] = "../" + video["id"]
+        video["has_audio"] = video["bad"] != "no_audio"
+        video["title"] = str(rng.choice(TITLES))
+        if rng.random() < 0.15:  # titles get cleaned too
+            video["title"] += str(rng.choice(_EMOTICONS))
+        video["category"] = str(rng.choice(CATEGORIES))
+    return videos
+
+
+def _inject_bad_comments(comments: list[dict], bad: str, next_id) -> None:
+    top = comments[0]
+    if bad == "reply_cycle":
+        a, b = next_id(), next_id()
+        top["replies"] += [
+            {"id": a, "text": "你说的是哪个", "likes": 3, "reply_to": b},
+            {"id": b, "text": "我说的就是你说的那个", "likes": 2, "reply_to": a},
+        ]
+    elif bad == "duplicate_comment_id":
+        dup = comments[1]["replies"][0]["id"]
+        top["replies"].append(
+            {"id": dup, "text": "这条评论的id重复了", "likes": 5, "reply_to": None}
+        )
+
+
+def _count(records: dict, kinds: dict, videos: list[dict], split: str) -> dict:
+    """Dialogues (train) or 5-reference contexts (val/test) per kind, over the good videos only
+    (bad None or no_audio): what the builder must produce whatever it does with the bad ones."""
+    good = [v["id"] for v in videos if v["split"] == split and v["bad"] in (None, "no_audio")]
+    per_kind = dict.fromkeys(KINDS, 0)
+    for vid in good:
+        if split == "train":
+            for top in records[vid]["comments"]:
+                for r in top["replies"]:
+                    kind = kinds.get(f"{vid}/{r['id']}")
+                    if kind is not None and r["likes"] > 0:
+                        per_kind[kind] += 1
+        else:
+            for key, kind in kinds.items():
+                if key.startswith(vid + "/"):
+                    per_kind[kind] += 1
+    total = "dialogues" if split == "train" else "contexts"
+    return {
+        "videos": len(records),
+        "good_videos": len(good),
+        total: sum(per_kind.values()),
+        "kinds": per_kind,
+    }
+
+
+def write_sample(out_dir: str, *, seed: int = 0) -> dict:
+    """Writes the synthetic release into `out_dir` (created if needed).
+
+    Args:
+      out_dir: the manual dir of the raw layout.
+      seed: the same seed gives byte-identical files.
+
+    Returns:
+      A summary: counts per split and kind over the good videos, every video's attributes
+      (`videos[video_id]` = split, colour, shape, sound, has_audio, bad), the bad items
+      (`bad[reason]` = video id) and the knowledge heads only val or test have.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    videos = _plan_videos(rng)
+    base = int(rng.integers(7_000_000_000_000_000_000, 7_100_000_000_000_000_000))
+    counter = iter(range(1_000_000))
+
+    def next_id() -> str:
+        return str(base + 7919 * next(counter))  # unique, digit-only, and not sequential-looking
+
+    kinds: dict[str, str] = {}
+    records: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
+    train_heads = rng.permutation(len(KNOWLEDGE_TRAIN))
+    for split in ("val", "test"):
+        split_videos = [v for v in videos if v["split"] == split]
+        n = _GOOD_VIDEOS[split]
+        deep = [KINDS[i % len(KINDS)] for i in range(len(split_videos))]
+        knows = _eval_knowledge(n, deep[:n], split, rng)
+        for _ in split_videos[n:]:
+            pair = rng.integers(len(KNOWLEDGE_TRAIN), size=2)
+            knows.append((KNOWLEDGE_TRAIN[pair[0]], KNOWLEDGE_TRAIN[pair[1]]))
+        for video, know, deep_kind in zip(split_videos, knows, deep):
+            video["knowledge"] = know
+            video["deep_kind"] = deep_kind
+    for i, video in enumerate(videos):
+        vid, split = video["id"], video["split"]
+        # Records that the builder must reject record no kinds: they make no dialogues.
+        keep_kinds = video["bad"] not in ("malformed_record", "unsafe_video_id")
+        c = _Comments(vid, rng, next_id, kinds if keep_kinds else {})
+        if split == "train":
+            know = KNOWLEDGE_TRAIN[train_heads[i % len(KNOWLEDGE_TRAIN)]]
+            _train_comments(c, video, know)
+        else:
+            _eval_comments(c, video, list(video["knowledge"]), video["deep_kind"])
+        _inject_bad_comments(c.comments, video["bad"], next_id)
+        record = {"title": video["title"], "category": video["category"], "comments": c.comments}
+        if video["bad"] == "malformed_record":
+            record["comments"] = "评论加载失败"
+        records[split][vid] = record
+
+    for split, split_records in records.items():
+        _write_json(os.path.join(out_dir, f"{split}.json"), split_records)
+    _write_json(os.path.join(out_dir, "sample_kinds.json"), kinds)
+    n_rows = write_knowledge(os.path.join(out_dir, "knowledge.tsv"), rng)
+
+    for i, video in enumerate(videos):
+        if video["bad"] in ("missing_mp4", "unsafe_video_id"):
+            continue
+        path = os.path.join(out_dir, "videos", f"{video['id']}.mp4")
+        if video["bad"] == "zero_byte_mp4":
+            open(path, "wb").close()
+            continue
+        # A generator per video: its pixels and samples do not depend on the comment text.
+        media_rng = np.random.default_rng([seed, i])
+        frames = render_frames(video["colour"], video["shape"], media_rng)
+        audio = render_audio(video["sound"], media_rng) if video["has_audio"] else None
+        write_video(path, frames, FPS, audio, SAMPLE_RATE)
+        if video["bad"] == "truncated_mp4":
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 3])
+
+    attrs = ("split", "colour", "shape", "sound", "has_audio", "bad")
+    return {
+        "out_dir": out_dir,
+        "seed": seed,
+        "splits": {s: _count(records[s], kinds, videos, s) for s in records},
+        "knowledge_rows": n_rows,
+        "val_only_heads": [k[1] for k in KNOWLEDGE_VAL_ONLY],
+        "test_only_heads": [k[1] for k in KNOWLEDGE_TEST_ONLY],
+        "bad": {v["bad"]: v["id"] for v in videos if v["bad"] is not None},
+        "videos": {v["id"]: {a: v[a] for a in attrs} for v in videos},
+    }
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="where to write the release (the builder's manual dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = write_sample(args.out_dir, seed=args.seed)
+    for split, counts in summary["splits"].items():
+        print(f"{split}: {json.dumps(counts, ensure_ascii=False)}")
+    print(f"knowledge.tsv rows: {summary['knowledge_rows']}")
+    print(f"bad items: {json.dumps(summary['bad'])}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
