@@ -13,7 +13,7 @@ B, T, D, H = 2, 6, 16, 4
 
 def _np_attention(mha, xq, xkv, mask):
     """Reference multi-head attention in float64 numpy from the module's own parameters."""
-    p = lambda v: np.asarray(v.value, np.float64)
+    p = lambda v: 0.0 if v is None else np.asarray(v.value, np.float64)
     q = np.einsum("btd,dhk->bthk", xq, p(mha.query.kernel)) + p(mha.query.bias)
     k = np.einsum("btd,dhk->bthk", xkv, p(mha.key.kernel)) + p(mha.key.bias)
     v = np.einsum("btd,dhk->bthk", xkv, p(mha.value.kernel)) + p(mha.value.bias)
@@ -47,13 +47,15 @@ def test_masks():
         layers.as_attention_mask(np.ones(3))
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_attention_matches_numpy(cross):
+@pytest.mark.parametrize("cross,key_bias", [(False, True), (True, True), (False, False)])
+def test_attention_matches_numpy(cross, key_bias):
     dkv = 24 if cross else D
-    mha = layers.MultiHeadAttention(H, D, kv_features=dkv, rngs=nnx.Rngs(0))
+    mha = layers.MultiHeadAttention(H, D, kv_features=dkv, key_bias=key_bias, rngs=nnx.Rngs(0))
+    assert (mha.key.bias is None) == (not key_bias)
     # Non-zero biases so the bias paths are exercised.
     for m in (mha.query, mha.key, mha.value, mha.out):
-        m.bias.value = jnp.asarray(_rand(*m.bias.value.shape, seed=3))
+        if m.bias is not None:
+            m.bias.value = jnp.asarray(_rand(*m.bias.value.shape, seed=3))
     xq = _rand(B, T, D, seed=1)
     xkv = _rand(B, 5, dkv, seed=2) if cross else xq
     tk = xkv.shape[1]

@@ -350,6 +350,7 @@ class MultiHeadAttention(nnx.Module):
         head_dim: int | None = None,
         out_features: int | None = None,
         use_bias: bool = True,
+        key_bias: bool | None = None,
         out_bias: bool | None = None,
         dropout_rate: float = 0.0,
         dtype: Dtype = None,
@@ -365,13 +366,15 @@ class MultiHeadAttention(nnx.Module):
         kv_features = features if kv_features is None else kv_features
         out_features = features if out_features is None else out_features
         out_bias = use_bias if out_bias is None else out_bias
+        # Whisper and EVA-ViT (BLIP-2) have q/v biases but no key bias.
+        key_bias = use_bias if key_bias is None else key_bias
         zeros = nnx.initializers.zeros_init()
 
-        def proj(in_features: int) -> nnx.Einsum:
+        def proj(in_features: int, bias: bool) -> nnx.Einsum:
             return nnx.Einsum(
                 "...d,dhk->...hk",
                 (in_features, num_heads, head_dim),
-                (num_heads, head_dim) if use_bias else None,
+                (num_heads, head_dim) if bias else None,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 kernel_init=partitioned(kernel_init, (EMBED, HEADS, KV)),
@@ -379,9 +382,9 @@ class MultiHeadAttention(nnx.Module):
                 rngs=rngs,
             )
 
-        self.query = proj(features)
-        self.key = proj(kv_features)
-        self.value = proj(kv_features)
+        self.query = proj(features, use_bias)
+        self.key = proj(kv_features, key_bias)
+        self.value = proj(kv_features, use_bias)
         self.out = nnx.Einsum(
             "...hk,hkd->...d",
             (num_heads, head_dim, out_features),
