@@ -215,3 +215,22 @@ def test_config_from_hf_rejects_unported_variants():
         bert.BertConfig.from_hf({**CONFIG, "position_embedding_type": "relative_key"})
     with pytest.raises(ValueError, match="decoder"):
         bert.BertConfig.from_hf({**CONFIG, "is_decoder": True})
+
+
+def test_untied_mlm_decoder_matches_hf(tmp_path):
+    torch.manual_seed(1)
+    hf = transformers.BertForMaskedLM(
+        transformers.BertConfig(**CONFIG, tie_word_embeddings=False)
+    ).eval()
+    with torch.no_grad():
+        hf.cls.predictions.decoder.weight.normal_()
+        hf.cls.predictions.bias.normal_()
+    hf.save_pretrained(tmp_path)
+    model = bert.from_pretrained(str(tmp_path))
+    assert model.mlm.decoder is not None
+    ids, types, mask = _inputs(seed=7)
+    np.testing.assert_allclose(
+        np.asarray(model.mlm_logits(model(ids, types, mask))),
+        _torch(hf, ids, types, mask).logits.numpy(),
+        atol=1e-4,
+    )

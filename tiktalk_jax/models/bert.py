@@ -318,7 +318,12 @@ def _load_mlm_head(model: BertModel, sd: hf_import.StateDict) -> None:
     head, key = model.mlm, "cls.predictions"
     hf_import.assign_linear(head.dense, sd, f"{key}.transform.dense")
     hf_import.assign_layer_norm(head.norm, sd, f"{key}.transform.LayerNorm")
-    hf_import.assign(head.bias, sd.get(f"{key}.bias"), f"{key}.bias")
+    # HF applies `decoder.bias`; with tied weights it is the same tensor as `{key}.bias`, untied
+    # (transformers 5) the two are separate and `{key}.bias` is left unused by the forward pass.
+    bias_key = f"{key}.decoder.bias" if f"{key}.decoder.bias" in sd else f"{key}.bias"
+    hf_import.assign(head.bias, sd.get(bias_key), bias_key)
+    if f"{key}.bias" in sd:
+        sd.get(f"{key}.bias")
     if head.decoder is not None:
         hf_import.assign_linear(head.decoder, sd, f"{key}.decoder")
     elif f"{key}.decoder.weight" in sd:
@@ -330,8 +335,6 @@ def _load_mlm_head(model: BertModel, sd: hf_import.StateDict) -> None:
                 f"{sd.source}: tie_word_embeddings but {key}.decoder.weight differs from the "
                 "word embeddings"
             )
-    if f"{key}.decoder.bias" in sd:  # the same tensor as `{key}.bias` in HF
-        sd.get(f"{key}.decoder.bias")
 
 
 def from_pretrained(
