@@ -93,13 +93,16 @@ def test_missing_tensor_is_an_error(tmp_path):
 def test_random_init_named_config():
     cfg = resnet.ResNetConfig.named("resnet50")
     assert cfg.depths == (3, 4, 6, 3) and cfg.hidden_sizes[-1] == 2048
-    small = resnet.ResNetConfig(embedding_size=8, hidden_sizes=(16, 32), depths=(1, 1))
+    # One distinct parameter shape per kind: random init compiles one program per shape.
+    small = resnet.ResNetConfig(
+        embedding_size=8, hidden_sizes=(8,), depths=(2,), layer_type="basic"
+    )
     a = resnet.ResNet.from_config(small, seed=3)
     b = resnet.ResNet.from_config(small, seed=3)
     x = jnp.ones((1, 32, 32, 3))
     run = jax.jit(lambda m, x: m(x))
     out = run(a, x)
-    assert out.pooler_output.shape == (1, 32)
-    assert out.last_hidden_state.shape == (1, 4, 4, 32)
+    assert out.pooler_output.shape == (1, 8)
+    assert out.last_hidden_state.shape == (1, 8, 8, 8)
     np.testing.assert_array_equal(out.pooler_output, run(b, x).pooler_output)
     assert np.all(np.isfinite(out.pooler_output)) and float(jnp.std(out.pooler_output)) > 0
