@@ -184,7 +184,10 @@ class _Encoder:
         self.pad_id, self.cls_id, self.sep_id = ids["[PAD]"], ids["[CLS]"], ids["[SEP]"]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use: about
+        # 20% faster than encode_batch on short Chinese turns.
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 @register_formatter("dialogue_text", batched=True)
@@ -559,12 +562,66 @@ def dataset_dir(data_dir: str | None, name: str = "tiktalk/dialogues") -> str:
     return os.path.join(root, ".".join(map(str, max(versions))))
 
 
-def open_split(version_dir: str, split: str) -> Sequence[Record]:
-    """A `tfds` random-access data source over a prepared ArrayRecord split (no builder code)."""
+class TextRecords:
+    """Fast reader of a text-only TFDS ArrayRecord split (e.g. `tiktalk/dialogues`).
+
+    Gives the same records as the `tfds` data source (Text -> bytes, Sequence(Text) -> list of
+    bytes) but parses the stored tf.train.Example directly: about 3x faster than TFDS's generic
+    decoder, which made reading the slowest stage of the dialogues pipeline. Use `supports()` to
+    check that every feature is Text or Sequence(Text); anything else needs the tfds source.
+    """
+
+    def __init__(self, tfds_source: Any):
+        if not self.supports(tfds_source):
+            raise ValueError("TextRecords reads only Text and Sequence(Text) features")
+        features = tfds_source.dataset_info.features
+        self.scalars = [k for k, f in features.items() if not hasattr(f, "feature")]
+        self.sequences = [k for k, f in features.items() if hasattr(f, "feature")]
+        self.raw = tfds_source.data_source
+
+    @staticmethod
+    def supports(tfds_source: Any) -> bool:
+        import tensorflow_datasets as tfds
+
+        info = getattr(tfds_source, "dataset_info", None)
+        if info is None or not hasattr(tfds_source, "data_source"):
+            return False
+        text, seq = tfds.features.Text, tfds.features.Sequence
+        return all(
+            isinstance(f, text) or (isinstance(f, seq) and type(f.feature) is text)
+            for f in info.features.values()
+        )
+
+    def _decode(self, serialized: bytes) -> dict[str, Any]:
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        feature = tf_example_pb2.Example.FromString(serialized).features.feature
+        record: dict[str, Any] = {k: feature[k].bytes_list.value[0] for k in self.scalars}
+        for k in self.sequences:
+            record[k] = list(feature[k].bytes_list.value) if k in feature else []
+        return record
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._decode(self.raw[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self._decode(r) for r in self.raw.__getitems__(indices)]
+
+
+def open_split(version_dir: str, split: str, *, fast_text: bool = True) -> Sequence[Record]:
+    """A random-access source over a prepared ArrayRecord split (no builder code needed).
+
+    Text-only datasets get the `TextRecords` reader when `fast_text`; others the `tfds` one.
+    """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder_from_directory(version_dir)
-    return builder.as_data_source(split=split)
+    source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
+    if fast_text and TextRecords.supports(source):
+        return TextRecords(source)
+    return source
 
 
 @dataclasses.dataclass
