@@ -59,8 +59,15 @@ class WorkerCrashed(Exception):
     """The worker process died (e.g. a segfault inside FFmpeg) while handling the task."""
 
 
+class WorkerStartError(RuntimeError):
+    """Worker processes die before finishing anything: the pool itself cannot work."""
+
+
 class _Timeout(Exception):
     pass
+
+
+_END = object()
 
 
 def available_cores() -> int:
@@ -270,6 +277,10 @@ def run_pool(
       start_method: 'forkserver' or 'spawn' ('fork' would copy the parent's TF state).
       hard_timeout_s: a task's limit from submission; queueing is bounded by the window.
       window: tasks in flight; default 2 * num_workers keeps every worker busy.
+
+    Raises:
+      WorkerStartError: workers die before any task finishes, even run alone (an environment
+        problem, such as an unguarded main script, rather than one bad input).
     """
     if start_method == "fork":
         raise ValueError("start_method='fork' is unsafe here; use 'forkserver' or 'spawn'")
@@ -285,30 +296,35 @@ def run_pool(
     retry: collections.deque[Any] = collections.deque()  # resubmit after a pool kill
     source = iter(items)
     exhausted = False
+    any_finished = False  # a worker ever returned: the pool itself works
     try:
         while True:
+            suspects: list[Any] = []
             while len(pending) < window and (retry or not exhausted):
-                if retry:
-                    item = retry.popleft()
-                else:
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                pending[pool.submit(fn, item)] = (item, time.monotonic())
-            if not pending:
-                return
-            done, _ = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-            suspects = []
-            for future in done:
-                item, _ = pending.pop(future)
+                item = retry.popleft() if retry else next(source, _END)
+                if item is _END:
+                    exhausted = True
+                    break
                 try:
-                    yield item, future.result()
+                    pending[pool.submit(fn, item)] = (item, time.monotonic())
                 except cf.process.BrokenProcessPool:
                     suspects.append(item)
-                except Exception as e:  # noqa: BLE001 - returned to the caller as a value
-                    yield item, e
+                    break
+            if not pending and not suspects:
+                return
+            if pending and not suspects:
+                done, _ = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    item, _ = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except cf.process.BrokenProcessPool:
+                        suspects.append(item)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - returned to the caller as a value
+                        result = e
+                    any_finished = True
+                    yield item, result
             now = time.monotonic()
             overdue = [f for f, (_, t0) in pending.items() if now - t0 > hard_timeout_s]
             if not suspects and not overdue:
@@ -322,8 +338,17 @@ def run_pool(
                 else:
                     retry.append(item)
             pending.clear()
-            for item in suspects:
-                yield item, _run_alone(fn, item, new_pool, hard_timeout_s)
+            alone = [(item, _run_alone(fn, item, new_pool, hard_timeout_s)) for item in suspects]
+            crashed = sum(isinstance(r, WorkerCrashed) for _, r in alone)
+            if not any_finished and len(alone) >= 2 and crashed == len(alone):
+                raise WorkerStartError(
+                    f"decoding workers die before finishing any task ({crashed} of {crashed} "
+                    "tasks crashed even alone). With the 'forkserver'/'spawn' start methods each "
+                    "worker re-imports the main module: a script that starts the build must guard "
+                    "it with `if __name__ == '__main__':`. num_workers=1 decodes in-process."
+                )
+            any_finished |= crashed < len(alone)
+            yield from alone
             pool = new_pool(num_workers)
     finally:
         _kill(pool)

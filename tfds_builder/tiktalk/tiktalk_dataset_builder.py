@@ -10,6 +10,7 @@ docs/architecture.md; the raw layout, cleaning decisions and the build report ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -54,6 +55,13 @@ class TiktalkConfig(tfds.core.BuilderConfig):
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base
         }
+
+    def content_options(self) -> dict[str, Any]:
+        """The options that change the records of this config (not how fast they are made)."""
+        text = ("min_likes", "min_video_likes", "max_repeat", "num_references")
+        media_fields = ("fps", "max_frames", "frame_size", "jpeg_quality", "sample_rate")
+        names = text + (media_fields if self.name == "media" else ())
+        return {k: v for k, v in self.options().items() if k in names}
 
     def text_options(self, blocklist) -> dialogues_lib.TextOptions:
         return dialogues_lib.TextOptions(
@@ -315,29 +323,32 @@ def build(
 
     See `tfds_builder.tiktalk.build` for the arguments.
     """
-    builder = Builder(config=config, data_dir=str(data_dir), config_overrides=config_overrides)
-    mode = None
-    report_file = epath.Path(builder.data_dir) / REPORT_NAME
-    if report_file.exists():
-        import json
 
-        previous = json.loads(report_file.read_text()).get("options", {})
-        if previous != _jsonable(builder.builder_config.options()):
-            logging.info("tiktalk/%s was built with other options; rebuilding", config)
-            mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+    def make() -> Builder:
+        return Builder(config=config, data_dir=str(data_dir), config_overrides=config_overrides)
+
+    builder = make()
+    if builder.is_prepared():
+        report_file = epath.Path(builder.data_dir) / REPORT_NAME
+        previous = json.loads(report_file.read_text()) if report_file.exists() else {}
+        previous = previous.get("options", {})
+        wanted = _jsonable(builder.builder_config.content_options())
+        changed = any(previous.get(k) != v for k, v in wanted.items())
+        fmt = builder.info.file_format
+        if changed or fmt is None or fmt.value != "array_record":
+            # Same name and version, other content: TFDS would silently reuse the old files.
+            logging.info("rebuilding tiktalk/%s (other options or file format)", config)
+            builder.data_path.rmtree()
+            builder = make()
     builder.download_and_prepare(
-        file_format="array_record",
         download_config=tfds.download.DownloadConfig(
             manual_dir=str(manual_dir),
             # Statistics would be computed with tf.data; the build report has ours.
             compute_stats=tfds.download.ComputeStatsMode.SKIP,
-            **({"download_mode": mode} if mode else {}),
         ),
     )
     return builder
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     return json.loads(json.dumps(options))
