@@ -347,10 +347,25 @@ def test_lexical_near_duplicates_threshold_and_knowledge_text():
     assert out[0]["scores"][0] >= out[0]["scores"][-1]
     assert out[-1] == {"dialogue_id": "none", "knowledge": "", "heads": [], "scores": []}
     # Only heads with tails in the chosen families are indexed.
-    only_event = retrieval.KnowledgeRetriever(
-        kg, enc, retrieval.RetrievalConfig(families=("event",))
-    )
+    cfg = retrieval.RetrievalConfig(families=("event",))
+    only_event = retrieval.KnowledgeRetriever(kg, enc, cfg)
     assert list(only_event.head_ids) == [0]
+    # The same knowledge from a retriever on one device.
+    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("heads",))
+    assert retrieval.KnowledgeRetriever(kg, enc, r.config, mesh=one).retrieve(records) == out
+
+
+def test_random_encoder_for_plumbing():
+    kg = _sample_like_kg()
+    enc = prepare.make_encoder("random", kg, random_hidden=64, random_layers=1)
+    emb = enc.encode(kg.heads[:5], batch_size=4)
+    assert emb.shape == (5, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # Seeded: the same KG gives the same encoder identity (its cache key).
+    again = prepare.make_encoder("random", kg, random_hidden=64, random_layers=1)
+    assert again.identity == enc.identity
+    with pytest.raises(ValueError, match="lexical, random or a local directory"):
+        prepare.make_encoder("no/such/dir", kg)
 
 
 def test_title_modes():
