@@ -101,6 +101,10 @@ def test_toy_model_trains_checkpoints_and_logs(reference):
     assert result.model.encoder.kernel.value.sharding.spec == jax.P("fsdp")
     assert result.model.head.kernel.value.sharding.spec == jax.P(None, "fsdp")
 
+    # The same command once more: nothing left to train, nothing rewritten.
+    again = _run(_config(eval_every=10), workdir)
+    assert again.step == 20 and _losses(workdir) == losses
+
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference, tmp_path):
     ref_dir, ref = reference
@@ -165,3 +169,24 @@ def test_changed_frozen_weights_are_detected_on_resume(tmp_path):
     with pytest.raises(checkpoint.FrozenWeightsChanged, match="toy-encoder-seed-7") as err:
         _run(changed, tmp_path)
     assert "toy-encoder-seed-8" in str(err.value)
+
+
+def test_gradient_accumulation_in_the_loop_matches_whole_batches(tmp_path):
+    common = dict(total_steps=3, checkpoint_every=100, eval_every=0)
+    whole = _config(**common)
+    whole.model.dropout = 0.0  # micro-batches draw other dropout masks than the whole batch
+    micro = _config(**common)
+    micro.model.dropout = 0.0
+    micro.optim.grad_accum_steps = 2
+    a = _params(_run(whole, tmp_path / "whole").model)
+    b = _params(_run(micro, tmp_path / "micro").model)
+    for path in a:
+        np.testing.assert_allclose(b[path], a[path], rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+    config = _config(total_steps=3, checkpoint_every=100, eval_every=0)
+    config.model.dtype = "bfloat16"
+    result = _run(config, tmp_path)
+    assert np.isfinite(result.metrics["loss"])
+    assert {v.dtype for v in _params(result.model).values()} == {np.dtype(np.float32)}
