@@ -195,6 +195,8 @@ def test_num_references_is_configurable(tmp_path):
     write_json(tmp_path, "val", {"v": eval_video("p", n_replies=3)})
     out, _ = prepare(tmp_path, num_references=3)
     assert [len(d.responses) for d in out["val"]] == [3]
+    out, _ = prepare(tmp_path, num_references=0)  # 0: val built like train
+    assert [d.dialogue_id for d in out["val"]] == [f"v/pr{i}" for i in range(3)]
 
 
 # ------------------------------------------------------------------------------------------

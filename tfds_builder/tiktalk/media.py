@@ -311,6 +311,7 @@ def run_pool(
                     suspects.append(item)
                     break
             if not pending and not suspects:
+                pool.shutdown(wait=True)  # idle workers exit cleanly; _kill below is a no-op
                 return
             if pending and not suspects:
                 done, _ = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)

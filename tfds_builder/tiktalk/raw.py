@@ -547,7 +547,9 @@ def read_split_jsonl(path: pathlib.Path, split: str, report: Report) -> list[Raw
         if cleaning.has_invalid_unicode(dialogue.title):
             report.note(split, "invalid_title", dialogue.dialogue_id)
             dialogue.title = ""
-        texts = [dialogue.dialogue_id, dialogue.category, *dialogue.context, *dialogue.responses]
+        if cleaning.has_invalid_unicode(dialogue.category):
+            dialogue.category = ""  # as in the json layout: an unusable category is just absent
+        texts = [dialogue.dialogue_id, *dialogue.context, *dialogue.responses]
         if any(cleaning.has_invalid_unicode(t) for t in texts):
             bad_id = dialogue.dialogue_id
             if cleaning.has_invalid_unicode(bad_id):

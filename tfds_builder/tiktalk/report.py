@@ -132,7 +132,7 @@ class Report:
             "config": self.config,
             "version": self.version,
             "manual_dir": self.manual_dir,
-            "layout": dict(self.layout),
+            "layout": dict(sorted(self.layout.items(), key=lambda kv: _split_order(kv[0]))),
             "options": dict(self.options),
             "splits": splits,
             "totals": totals,
