@@ -465,7 +465,8 @@ def test_sample_knowledge_contexts_find_their_head(sample_release):
     contexts = _raw_eval_knowledge_contexts(raw)
     eval_only = set(summary["val_only_heads"]) | set(summary["test_only_heads"])
     assert len(contexts) >= 20 and any(c["head"] in eval_only for c in contexts)
-    r = retrieval.KnowledgeRetriever(kg, LexicalEncoder.fit(kg.heads), retrieval.RetrievalConfig())
+    cfg = retrieval.RetrievalConfig(k=3)
+    r = retrieval.KnowledgeRetriever(kg, LexicalEncoder.fit(kg.heads), cfg)
     out = r.retrieve(contexts)
     for c, o in zip(contexts, out):
         assert c["head"] in o["heads"], (c, o)

@@ -5,10 +5,12 @@
     retriever = KnowledgeRetriever(kg, enc, RetrievalConfig(k=3), cache_dir="/tmp/kg_cache")
     retriever.retrieve(dialogue_records)   # [{"dialogue_id", "knowledge", "heads", "scores"}]
 
-As in TikTalk (paper section 3 / C3KG): every head is embedded once; a dialogue's query is
-embedded with the same encoder; the k most similar heads whose similarity exceeds `threshold`
-give their tails in the selected relation families, joined with ";" (the paper's figure:
-"diligent; talented; PersonX studies hard;"). Tails are ordered by head rank, then by family in
+As in TikTalk's Maria+C3KG (paper section 4.2, figure 3b): every head is embedded once; a
+dialogue's query is embedded with the same encoder (the paper: Sentence-BERT over the context);
+the k most similar heads whose similarity exceeds `threshold` give their tails in the selected
+relation families, joined with ";" (the figure: head "PersonX learns fast" -> "diligent;
+talented; PersonX studies hard;"). The paper does not say how many heads it used; the figure
+shows one, hence the default k=1. Tails are ordered by head rank, then by family in
 the order of `families` (c3kg.ALL_FAMILIES by default), then file order; a tail already used by a
 better head is not repeated. Heads without a tail in the selected families are left out of the
 index.
@@ -69,7 +71,7 @@ class RetrievalConfig:
     """Retrieval options (see the module docstring).
 
     Attributes:
-      k: heads retrieved per dialogue.
+      k: heads retrieved per dialogue (the paper's figure shows the tails of one head).
       families: relation families whose tails form the knowledge (None: c3kg.ALL_FAMILIES).
       threshold: a head is used only if its cosine similarity is > threshold (0.0 drops heads
         sharing nothing with a lexical query; -1.0 keeps all k).
@@ -84,7 +86,7 @@ class RetrievalConfig:
       dialogue_chunk: dialogues encoded and searched together by `retrieve`.
     """
 
-    k: int = 3
+    k: int = 1
     families: tuple[str, ...] | None = None
     threshold: float = 0.0
     title_mode: str = "vector"
