@@ -140,7 +140,7 @@ def check_layout(manual_dir: str | pathlib.Path, need_videos: bool) -> Layout:
     # Misnamed entries: a case or alias variant of a documented name ("Train.json",
     # "train.JSON", "valid.json", "Videos/") is never read, so silently ignoring it would lose
     # data. Compressed split files must be decompressed first.
-    videos_misnamed = False
+    videos_misnamed = split_misnamed = False
     for entry in entries:
         canonical = _canonical_name(entry.name)
         if canonical == VIDEOS_NAME and not need_videos:
@@ -150,6 +150,7 @@ def check_layout(manual_dir: str | pathlib.Path, need_videos: bool) -> Layout:
                 f"found {entry.name!r}: rename it to {canonical!r} (names are case-sensitive)"
             )
             videos_misnamed |= canonical == VIDEOS_NAME
+            split_misnamed |= canonical.endswith((".json", ".jsonl"))
         lower = entry.name.lower()
         if lower.endswith(_ARCHIVE_SUFFIXES):
             if any(lower.startswith(f"{s}.json") for s in SPLITS):
@@ -160,9 +161,9 @@ def check_layout(manual_dir: str | pathlib.Path, need_videos: bool) -> Layout:
                 )
                 videos_misnamed = True
 
-    split_misnamed = any("json" in p and "rename" in p for p in problems)
+    nested: list[pathlib.Path] = []
     if not split_files and not split_misnamed:
-        nested = [d for d in entries if d.is_dir() and _has_split_files(d)]
+        nested += [d for d in entries if d.is_dir() and _has_split_files(d)]
         nested += [
             dd
             for d in entries
@@ -184,7 +185,7 @@ def check_layout(manual_dir: str | pathlib.Path, need_videos: bool) -> Layout:
     videos_dir = root / VIDEOS_NAME
     if not videos_dir.is_dir():
         videos_dir_found = None
-        if need_videos:
+        if need_videos and not nested:  # a nested release has its videos/ down there too
             loose = [e for e in entries if e.suffix.lower() in VIDEO_EXTENSIONS]
             if loose:
                 problems.append(
