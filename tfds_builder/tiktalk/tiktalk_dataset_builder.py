@@ -309,8 +309,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._report.write(path)
         if not self._open_splits:
             summary = format_report(self._report.to_dict())
+            # Logged, not printed: `tfds build` and `python -m tfds_builder.tiktalk` log at INFO;
+            # library callers (the demo) print `report.format_report` themselves.
             logging.info("TikTalk build report (%s):\n%s", path.name, summary)
-            print(summary, flush=True)
 
 
 def build(
