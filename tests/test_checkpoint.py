@@ -95,6 +95,22 @@ def test_the_next_save_also_surfaces_a_failure(tmp_path, mesh):
     ckpt.close()
 
 
+def test_a_save_killed_before_commit_is_discarded_and_redone(tmp_path, mesh):
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(5, _state(mesh), {"i": 5}, {})
+    ckpt.close()
+    # What SIGKILL during an async save leaves: nested uncommitted temporary directories.
+    partial = tmp_path / "10.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+    partial.mkdir(parents=True)
+    (partial / "d").write_text("half-written")
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]
+    ckpt.save(10, _state(mesh), {"i": 10}, {})
+    assert ckpt.all_steps() == [5, 10]
+    ckpt.close()
+
+
 def test_fingerprint_depends_on_content_not_layout(mesh):
     state = _state(mesh)["params"]
     host = jax.tree.map(np.asarray, state)

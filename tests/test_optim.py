@@ -29,13 +29,14 @@ def test_warmup_then_linear_decay():
 
 def test_weight_decay_skips_biases_and_layernorm():
     model = train_toy.build(train_toy.get_config(), nnx.Rngs(0))
-    before = {p: np.asarray(v) for p, v in sharding.leaves_with_paths(nnx.state(model))}
+    params = lambda: sharding.leaves_with_paths(nnx.state(model, nnx.Param))
+    before = {p: np.asarray(v) for p, v in params()}
     cfg = _cfg(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=0.0)
     optimizer = optim.make_optimizer(model, cfg, total_steps=100)
     zero_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
     # Adam's update is 0: only decay moves params. (jit: eager optax dispatches op by op.)
     nnx.jit(lambda m, o, g: o.update(m, g))(model, optimizer, zero_grads)
-    after = {p: np.asarray(v) for p, v in sharding.leaves_with_paths(nnx.state(model))}
+    after = {p: np.asarray(v) for p, v in params()}
     for path in before:
         if path.endswith(("bias", "scale")):
             np.testing.assert_array_equal(after[path], before[path], err_msg=path)
@@ -53,7 +54,7 @@ def test_frozen_params_get_no_optimizer_state_and_no_updates():
     assert not [p for p in opt_paths if "encoder" in p]
     assert any(p.endswith("mu/head/kernel") for p in opt_paths)
 
-    start = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    start = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     x = jnp.ones((4, train_toy.D_IN))
 
     @nnx.jit
@@ -65,7 +66,7 @@ def test_frozen_params_get_no_optimizer_state_and_no_updates():
 
     for _ in range(3):
         step(model, optimizer)
-    end = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    end = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     np.testing.assert_array_equal(end["encoder"]["kernel"], start["encoder"]["kernel"])
     np.testing.assert_array_equal(end["encoder"]["bias"], start["encoder"]["bias"])
     assert not np.allclose(end["hidden"]["kernel"], start["hidden"]["kernel"])

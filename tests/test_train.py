@@ -98,6 +98,7 @@ def test_toy_model_trains_checkpoints_and_logs(reference):
         "params/hidden/kernel" in saved_paths and "opt/opt_state/1/0/mu/head/kernel" in saved_paths
     )
     assert not [p for p in saved_paths if "encoder" in p]  # no frozen params, no moments
+    assert "rest/stored_dropout/rngs/count" in saved_paths  # the model's own RNG stream
     assert result.model.encoder.kernel.value.sharding.spec == jax.P("fsdp")
     assert result.model.head.kernel.value.sharding.spec == jax.P(None, "fsdp")
 

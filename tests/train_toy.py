@@ -47,13 +47,18 @@ class ToyModel(nnx.Module):
         self.encoder = layers.linear(D_IN, D_HIDDEN, axes=("embed", "mlp"), rngs=enc_rngs, **kw)
         self.hidden = layers.linear(D_HIDDEN, D_HIDDEN, axes=("embed", "mlp"), rngs=rngs, **kw)
         self.norm = nnx.LayerNorm(D_HIDDEN, rngs=rngs, **kw)
-        self.dropout = nnx.Dropout(float(config.model.dropout))
+        # Both ways NNX models draw dropout keys: a stream stored in the module (as the BERT
+        # port does; its counter is model state the loop must carry and checkpoint) and the
+        # `rngs` the loop passes to loss_fn.
+        rate = float(config.model.dropout)
+        self.stored_dropout = nnx.Dropout(rate, rngs=rngs)
+        self.dropout = nnx.Dropout(rate)
         self.head = layers.linear(D_HIDDEN, D_OUT, axes=("mlp", "embed"), rngs=rngs, **kw)
 
     def __call__(self, x, *, rngs=None):
         h = jnp.tanh(self.encoder(x))
-        h = self.norm(jax.nn.gelu(self.hidden(h)))
-        return self.head(self.dropout(h, rngs=rngs))
+        h = self.stored_dropout(jax.nn.gelu(self.hidden(h)))
+        return self.head(self.dropout(self.norm(h), rngs=rngs))
 
 
 def build(config, rngs):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -177,6 +178,24 @@ def abstract_like(tree: Any) -> Any:
     )
 
 
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _remove_partial_steps(directory: str) -> None:
+    """Deletes the temporary directories of saves a killed run never committed.
+
+    Orbax's own `cleanup_tmp_directories` removes them concurrently, nested temporary item
+    directories included, and its parallel rmtrees race (FileNotFoundError on the next save).
+    """
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if _TMP_MARK in name:
+                logging.warning("removing the uncommitted checkpoint %s", name)
+                shutil.rmtree(os.path.join(directory, name))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tiktalk_jax.checkpoint.remove_partial_steps")
+
+
 class Checkpointer:
     """Async save / restore of `(state, data_state, meta)` with keep-last-K.
 
@@ -189,14 +208,11 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self._pending: int | None = None
+        _remove_partial_steps(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                # A run killed mid-save leaves a temporary directory; it is never a valid step.
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=async_save,
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
             ),
         )
 

@@ -210,7 +210,7 @@ class _Steps:
 
     def _loss(self, graphdef, params, frozen, rest, batch, rng):
         """(loss, (aux, rest after the forward pass)) of one (micro-)batch."""
-        model = nnx.merge(graphdef, frozen, params, rest)
+        model = nnx.merge(graphdef, frozen, params, rest, copy=True)
         loss, aux = self.family.loss_fn(model, batch, nnx.Rngs(dropout=rng))
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
