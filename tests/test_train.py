@@ -191,3 +191,16 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
     result = _run(config, tmp_path)
     assert np.isfinite(result.metrics["loss"])
     assert {v.dtype for v in _params(result.model).values()} == {np.dtype(np.float32)}
+
+
+def test_config_args_parse_typed_and_reject_typos():
+    from configs import common
+
+    arg = common.parse_arg("variant=tv,size=tiny,debug", variant="t", size="base", debug=False)
+    assert (arg.variant, arg.size, arg.debug) == ("tv", "tiny", True)
+    assert common.parse_arg("steps=7", steps=100).steps == 7
+    with pytest.raises(ValueError, match="unknown config argument 'sise'"):
+        common.parse_arg("sise=tiny", size="base")
+    base = common.get_config()
+    assert base.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert base.optim.grad_accum_steps == 1 and base.frozen == ""
