@@ -178,7 +178,8 @@ def test_cli_module_builds_array_record(tmp_path):
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "TikTalk dialogues 1.0.0 build report" in out.stdout
+    # The summary is logged at INFO (stderr) by the CLI.
+    assert "TikTalk dialogues 1.0.0 build report" in out.stdout + out.stderr
     assert (tmp_path / "tiktalk/dialogues/1.0.0/tiktalk-train.array_record-00000-of-00001").exists()
     assert report.load_report(tmp_path, "dialogues")["totals"]["stats"]["dialogues"] == 6
 

@@ -1,6 +1,10 @@
-r"""The entry point: `python -m tiktalk_jax.main --mode=MODE --workdir=DIR [--config=...]`.
+r"""The entry point: `python -m tiktalk_jax.main [--mode=MODE] --workdir=DIR [--config=...]`.
 
 Modes:
+  train  (default) Train and periodically evaluate the model of --config; restarting the same
+         command in the same workdir resumes. Configs are `get_config(arg)` files:
+           python -m tiktalk_jax.main --config=configs/maria.py:variant=tvak,size=tiny \
+               --workdir=/tmp/maria --config.total_steps=200
   demo   Generate the bundled synthetic sample release, build both TFDS configs from it and
          print the dataset statistics and the bad-input report. Everything lands in --workdir:
            DIR/raw/    the sample release (raw layout of tfds_builder/tiktalk/README.md)
@@ -16,12 +20,16 @@ import os
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-_MODES = ("demo", "build")
+_MODES = ("train", "demo", "build")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "demo", _MODES, "What to run.")
-flags.DEFINE_string("workdir", "demo_out", "Directory for everything the run writes.")
+flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
+flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
+config_flags.DEFINE_config_file(
+    "config", None, "train: config file, path.py[:arg].", lock_config=True
+)
 flags.DEFINE_string("manual_dir", None, "build: the raw release directory.")
 flags.DEFINE_string("data_dir", None, "build: the TFDS data_dir (default: WORKDIR/data).")
 flags.DEFINE_string("tfds_config", "dialogues", "build: the TFDS config, dialogues or media.")
@@ -90,6 +98,16 @@ def run_demo(workdir: str, seed: int) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    if FLAGS.mode == "train":
+        if FLAGS.config is None:
+            raise app.UsageError("--mode=train needs --config=path.py[:arg]")
+        from tiktalk_jax import train
+
+        logging.set_verbosity(logging.INFO)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        return
     logging.set_verbosity(logging.WARNING)
     if FLAGS.mode == "demo":
         run_demo(FLAGS.workdir, FLAGS.sample_seed)

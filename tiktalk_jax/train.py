@@ -541,28 +541,12 @@ def train_and_evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line.
+# Command line: `python -m tiktalk_jax.train ...` is `python -m tiktalk_jax.main --mode=train ...`.
 # ---------------------------------------------------------------------------------------------
 
-
-def main(argv) -> None:
-    from absl import flags
-
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
-    FLAGS = flags.FLAGS
-    if not FLAGS.workdir:
-        raise ValueError("--workdir is required")
-    logging.getLogger().setLevel(logging.INFO)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import app
 
-    # Defined here, not at import: tiktalk_jax.main defines its own flags and imports this module.
-    config_flags.DEFINE_config_file("config", None, "config file (path.py:arg)", lock_config=True)
-    flags.DEFINE_string("workdir", None, "checkpoints, summaries and config.json go here")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from tiktalk_jax import main as entry
+
+    app.run(entry.main)
