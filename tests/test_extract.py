@@ -334,3 +334,36 @@ def test_command_line_resumes_and_refuses_other_settings(data, tmp_path, capsys)
     assert again["last_run"]["val"]["written"] == 0
     with pytest.raises(ValueError, match="other"):
         extract.main(args + ["--seed=1"])
+
+
+def test_pretrained_weights_are_used_and_recorded_by_hash(data, tmp_path):
+    import torch
+    import transformers
+
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "features")
+    config = transformers.ResNetConfig(**TINY["resnet101"])
+    torch.manual_seed(0)
+    transformers.ResNetModel(config).eval().save_pretrained(ckpt)
+    hf = transformers.ResNetModel.from_pretrained(ckpt).eval()
+    encoder = extract.build_encoder("resnet50", ckpt)
+    assert encoder.metadata["random_init"] is False and "warning" not in encoder.metadata
+    assert encoder.metadata["weights"] == ckpt and len(encoder.metadata["sha256"]) == 64
+    val = extract.open_media(data["media"], "val")
+    extract.extract_dataset(encoder, {"val": val}, out, batch_size=8, progress=False)
+    record = val[0]
+    frames = [extract.decode_frame(f) for f in record["frames"]]
+    pixels = ImageProcessor.for_encoder("resnet").batch(frames)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output.flatten(1)
+    got = read_all(out, "val")[ip.as_text(record["video_id"])]["features"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="random-init"):
+        extract.build_encoder("resnet50", ckpt, model_config={"depths": [1, 1]})
+    # Other weights under the same path: a resumed run must not mix them into these features.
+    torch.manual_seed(1)
+    transformers.ResNetModel(config).eval().save_pretrained(ckpt)
+    other = extract.build_encoder("resnet50", ckpt)
+    assert other.metadata["sha256"] != encoder.metadata["sha256"]
+    with pytest.raises(ValueError, match="sha256"):
+        extract.extract_dataset(other, {"val": val}, out, batch_size=8, progress=False)

@@ -537,7 +537,7 @@ class _Video:
     remaining: int = 0
 
 
-class _Runner:
+class Runner:
     """The encoder jitted over a host-local data-parallel mesh, with a fixed batch shape."""
 
     def __init__(self, encoder: Encoder, devices: Sequence[jax.Device], batch_size: int):
@@ -630,7 +630,7 @@ def extract_split(
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     devices = list(devices or jax.local_devices())
-    runner = _Runner(encoder, devices, batch_size or encoder.default_batch_size)
+    runner = Runner(encoder, devices, batch_size or encoder.default_batch_size)
     store = np.dtype(_DTYPES[storage_dtype])
     bs = runner.batch_size
     done = features.done_ids(out_dir, split)
@@ -809,6 +809,12 @@ def extract_dataset(
     if storage_dtype not in _DTYPES:
         raise ValueError(f"storage_dtype must be one of {sorted(_DTYPES)}, got {storage_dtype!r}")
     media = dict(media or {})
+    rate = media.get("options", {}).get("sample_rate", audio_features.SAMPLE_RATE)
+    if encoder.modality == "audio" and rate != audio_features.SAMPLE_RATE:
+        raise ValueError(
+            f"the media dataset stores {rate} Hz audio; the audio front ends read the stored "
+            f"samples as {audio_features.SAMPLE_RATE} Hz: rebuild it with sample_rate=16000"
+        )
     metadata = dict(encoder.metadata)
     fields = {}
     for k, v in metadata["fields"].items():
@@ -876,10 +882,13 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("progress", True, "Show a progress bar.", **f)
 
 
-def main(argv: Sequence[str]) -> dict[str, Any]:
-    """`argv[0]` is the program name; returns the report."""
+def main(argv: Sequence[str]) -> dict[str, Any] | None:
+    """`argv[0]` is the program name; returns the report (None for --help)."""
     fv = flags.FlagValues()
     _define_flags(fv)
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        print(f"{__doc__.split(chr(10))[0]}\n\nflags:\n{fv.get_help()}")
+        return None
     try:
         rest = fv(list(argv))
     except flags.Error as e:
@@ -913,4 +922,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    try:
+        main(sys.argv)
+    except app.UsageError as e:
+        sys.exit(f"usage error: {e} (see --help)")
