@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -39,7 +40,8 @@ def make_records(n, seed=0):
                 video_id=f"v{i}",
                 context=[text(int(rng.integers(2, 8))) for _ in range(int(rng.integers(1, 4)))],
                 responses=[text(int(rng.integers(2, 7))) for _ in range(5)],
-                knowledge=dict(tails=[text(3) for _ in range(int(rng.integers(0, 3)))]),
+                # As tiktalk_jax.knowledge.prepare writes it: tails joined by ";" ("" = none).
+                knowledge=dict(knowledge=";".join(text(3) for _ in range(int(rng.integers(0, 3))))),
                 frames=dict(features=rng.normal(size=(nf, FRAME_DIM)).astype(np.float32)),
                 audio=dict(features=rng.normal(size=(na, AUDIO_DIM)).astype(np.float32)),
             )
@@ -116,6 +118,8 @@ def formatted(tok, config, records, train=True):
 
 def test_formatter_layout_through_the_pipeline_joins(tok):
     records = make_records(6)
+    # Feature tables may store bfloat16 (tiktalk_jax.extract --storage_dtype).
+    records[1]["frames"]["features"] = records[1]["frames"]["features"].astype(ml_dtypes.bfloat16)
     dialogues = [
         {k: r[k] for k in ("dialogue_id", "video_id", "context", "responses")} for r in records
     ]
@@ -152,14 +156,21 @@ def test_formatter_layout_through_the_pipeline_joins(tok):
         resp = batch["response_ids"][i][batch["response_mask"][i]]
         assert resp[0] == ids["cls_id"] and resp[-1] == ids["sep_id"]
         assert decode(resp[1:-1], np.ones(len(resp) - 2, bool)) == r["responses"][0]
-        tails = r["knowledge"]["tails"]
+        tails = r["knowledge"]["knowledge"]
         k_text = decode(batch["knowledge_ids"][i], batch["knowledge_mask"][i])
-        assert k_text == ("".join(t + ";" for t in tails) + "[SEP]" if tails else "")
+        assert k_text == (tails + "[SEP]" if tails else "")
         nf = min(len(r["frames"]["features"]), 3)
         assert batch["frame_mask"][i].sum() == nf
-        np.testing.assert_array_equal(batch["frame_feats"][i, :nf], r["frames"]["features"][:nf])
+        np.testing.assert_array_equal(
+            batch["frame_feats"][i, :nf], r["frames"]["features"][:nf].astype(np.float32)
+        )
         assert (batch["frame_feats"][i, nf:] == 0).all()
         assert batch["audio_mask"][i].sum() == len(r["audio"]["features"])
+
+    # Knowledge given as a list of tails is joined with ";".
+    record = dict(records[0], knowledge=dict(knowledge=["红橙", "", "黄"]))
+    out = ip.get_formatter("maria", input_config(), tok, train=True)([record])
+    assert decode(out["knowledge_ids"][0], out["knowledge_mask"][0]) == "红橙;黄[SEP]"
 
     text_only = ip.get_formatter(
         "maria", input_config(max_knowledge_len=0, max_frames=0, max_audio=0), tok, train=True
@@ -312,15 +323,18 @@ def test_each_variant_trains_with_falling_loss(tok, variant):
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def train_step(state, batch, rng):
         model, optimizer = nnx.merge(graphdef, state)
-        grad_fn = nnx.value_and_grad(lambda m: maria.loss_fn(m, batch, rng), has_aux=True)
-        (_, aux), grads = grad_fn(model)
+        # As the train loop calls it: a fresh `nnx.Rngs` stream per step.
+        grad_fn = nnx.value_and_grad(
+            lambda m: maria.loss_fn(m, batch, nnx.Rngs(dropout=rng)), has_aux=True
+        )
+        (loss, aux), grads = grad_fn(model)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), aux
+        return nnx.state((model, optimizer)), loss, aux
 
     losses = []
     for step in range(12):
-        state, aux = train_step(state, batch, jax.random.key(step))
-        losses.append(float(aux["loss"]))
+        state, loss, aux = train_step(state, batch, jax.random.key(step))
+        losses.append(float(loss))
         assert aux["masked_tokens"] > 0
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses

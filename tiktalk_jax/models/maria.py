@@ -351,23 +351,24 @@ def mask_tokens(rng: Array, batch: Batch, config: MariaConfig) -> tuple[dict, Ma
     # Gather the selected slots, in order, into M static slots (scatter by running count).
     m = config.max_masked
     slot = jnp.where(sel, jnp.cumsum(sel, axis=1) - 1, m)
-    rows = jnp.arange(text.shape[0])[:, None]
-    positions = (
-        jnp.zeros((text.shape[0], m), jnp.int32)
-        .at[rows, slot]
-        .set(jnp.broadcast_to(jnp.arange(text.shape[1], dtype=jnp.int32), text.shape), mode="drop")
-    )
+    # vmap: a per-row scatter (batch dimension explicit, so it partitions along the batch).
+    positions = jax.vmap(
+        lambda s: jnp.zeros((m,), jnp.int32).at[s].set(jnp.arange(s.shape[0]), mode="drop")
+    )(slot)
     weights = (jnp.arange(m)[None, :] < jnp.sum(sel, axis=1, keepdims=True)).astype(jnp.float32)
     labels = jnp.take_along_axis(text, positions, axis=1)
     return out, MaskedTargets(positions, labels, weights)
 
 
-def loss_fn(model: Maria, batch: Batch, rng: Array) -> tuple[Array, dict[str, Array]]:
+def loss_fn(model: Maria, batch: Batch, rngs: nnx.Rngs | Array) -> tuple[Array, dict[str, Array]]:
     """Masked-token cross-entropy averaged over every masked token of the batch.
 
-    Examples with `example_mask` False (eval padding) contribute nothing. Returns
-    `(loss, {"loss", "masked_accuracy", "masked_tokens"})`.
+    `rngs`: a jax key, or `nnx.Rngs` (the train loop's; its `dropout` stream draws the masking
+    key; the model's dropout layers use their own stored streams). Examples with `example_mask`
+    False (eval padding) contribute nothing. Returns
+    `(loss, {"masked_accuracy", "masked_tokens"})`.
     """
+    rng = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
     inputs, t = mask_tokens(rng, batch, model.config)
     hidden = model(inputs)
     h = jnp.take_along_axis(hidden, t.positions[..., None], axis=1)
@@ -380,7 +381,7 @@ def loss_fn(model: Maria, batch: Batch, rng: Array) -> tuple[Array, dict[str, Ar
     denom = jnp.maximum(total, 1.0)
     loss = jnp.sum(ce * w) / denom
     acc = jnp.sum((jnp.argmax(logits, -1) == t.labels) * w) / denom
-    return loss, {"loss": loss, "masked_accuracy": acc, "masked_tokens": total}
+    return loss, {"masked_accuracy": acc, "masked_tokens": total}
 
 
 # --------------------------------------------------------------------------------------------

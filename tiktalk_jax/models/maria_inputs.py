@@ -3,8 +3,9 @@
 Registered with the input pipeline as "maria" when this module is imported. Side tables (joined
 by the pipeline, see `input_pipeline.SideTable`) are read under these record names:
 
-  knowledge  keyed by `dialogue_id`; field `tails`: the retrieved knowledge texts (C3KG tails),
-             most relevant first. Joined with ";" as in the paper's figure.
+  knowledge  keyed by `dialogue_id`; field `knowledge`: the retrieved C3KG tails, most relevant
+             first, as one string joined with ";" (what `tiktalk_jax.knowledge.prepare` writes)
+             or as a list of strings (joined here with ";"); "" when nothing was retrieved.
   frames     keyed by `video_id`; field `features`: `float[n, frame_dim]` (one row per frame).
   audio      keyed by `video_id`; field `features`: `float[n, audio_dim]` (one VGGish row per
              0.96 s); zero rows for a video without sound.
@@ -39,7 +40,7 @@ import numpy as np
 from tiktalk_jax import input_pipeline as ip
 
 KNOWLEDGE, FRAMES, AUDIO = "knowledge", "frames", "audio"
-KNOWLEDGE_FIELD, FEATURES_FIELD = "tails", "features"
+KNOWLEDGE_FIELD, FEATURES_FIELD = "knowledge", "features"
 KNOWLEDGE_SEPARATOR = ";"
 
 
@@ -142,9 +143,10 @@ class MariaFormatter:
                         f"dialogue {ip.as_text(r.get('dialogue_id', '?'))!r} has no knowledge "
                         "side record: join the knowledge table or set max_knowledge_len=0"
                     )
-                tails = [ip.as_text(t) for t in r[KNOWLEDGE][KNOWLEDGE_FIELD]]
-                tails = [t for t in tails if t.strip()]
-                knowledge = KNOWLEDGE_SEPARATOR.join(tails) + KNOWLEDGE_SEPARATOR if tails else None
+                value = r[KNOWLEDGE][KNOWLEDGE_FIELD]
+                if not isinstance(value, (str, bytes)):
+                    value = KNOWLEDGE_SEPARATOR.join(ip.as_text(t) for t in value if t)
+                knowledge = ip.as_text(value).strip() or None
             spans.append((len(texts), len(turns), len(responses), knowledge is not None))
             texts += turns + responses + ([knowledge] if knowledge is not None else [])
         tokens = self.encoder.encode(texts)
