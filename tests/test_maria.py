@@ -75,7 +75,7 @@ def tiny_config(tok, *, vision=True, audio=True, knowledge=True, **bert_override
         type_vocab_size=3,
     )
     b.update(bert_overrides)
-    return maria.MariaConfig(
+    config = maria.MariaConfig(
         bert=bert.BertConfig(**b),
         use_vision=vision,
         use_audio=audio,
@@ -83,8 +83,8 @@ def tiny_config(tok, *, vision=True, audio=True, knowledge=True, **bert_override
         frame_dim=FRAME_DIM,
         audio_dim=AUDIO_DIM,
         **LENGTHS,
-        **maria_inputs.special_token_ids(tok),
     )
+    return maria.with_tokenizer(config, tok)
 
 
 # These tiny programs run in milliseconds; XLA's lowest backend optimisation level halves their
@@ -189,6 +189,9 @@ def test_param_axes_and_disabled_segments_cost_nothing(tok):
     # Shapes only (nnx.eval_shape): nothing is initialised or compiled.
     full = nnx.eval_shape(lambda: maria.Maria(tiny_config(tok), rngs=nnx.Rngs(0)))
     layers.check_param_axes(full)
+    small = dataclasses.replace(full.config.bert, vocab_size=10)
+    with pytest.raises(ValueError, match="tokenizer has"):
+        maria.with_tokenizer(dataclasses.replace(full.config, bert=small), tok)
     text_config = tiny_config(tok, vision=False, audio=False, knowledge=False)
     text = nnx.eval_shape(lambda: maria.Maria(text_config, rngs=nnx.Rngs(0)))
     assert text.frames is None and text.audio is None

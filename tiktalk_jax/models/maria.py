@@ -56,7 +56,9 @@ from flax import nnx
 
 from tiktalk_jax import decoding
 from tiktalk_jax.models import bert as bert_lib
-from tiktalk_jax.models import hf_import, layers
+
+# maria_inputs registers the "maria" batch formatter with the input pipeline on import.
+from tiktalk_jax.models import hf_import, layers, maria_inputs
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -163,6 +165,15 @@ class MariaConfig:
                 min(self.num_to_mask(n, rate), n - int(skip_first)) for n in range(size + 1)
             )
         return total
+
+
+def with_tokenizer(config: MariaConfig, tokenizer: Any) -> MariaConfig:
+    """`config` with the tokenizer's special token ids; fails if its vocabulary does not fit
+    the embedding table."""
+    size = getattr(tokenizer, "backend_tokenizer", tokenizer).get_vocab_size()
+    if size > config.bert.vocab_size:
+        raise ValueError(f"tokenizer has {size} tokens, the model embeds {config.bert.vocab_size}")
+    return dataclasses.replace(config, **maria_inputs.special_token_ids(tokenizer))
 
 
 class MediaEmbedding(nnx.Module):
