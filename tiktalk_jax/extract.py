@@ -540,8 +540,9 @@ class _Video:
 class Runner:
     """The encoder jitted over a host-local data-parallel mesh, with a fixed batch shape."""
 
-    def __init__(self, encoder: Encoder, devices: Sequence[jax.Device], batch_size: int):
+    def __init__(self, encoder: Encoder, devices: Sequence[jax.Device], batch_size: int | None):
         n = len(devices)
+        batch_size = batch_size or encoder.default_batch_size
         self.batch_size = -(-batch_size // n) * n  # every device gets the same number of items
         self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
         P = jax.sharding.PartitionSpec
@@ -615,6 +616,7 @@ def extract_split(
     *,
     devices: Sequence[jax.Device] | None = None,
     batch_size: int | None = None,
+    runner: Runner | None = None,
     storage_dtype: str = "float32",
     shard_size: int = 256,
     process_index: int | None = None,
@@ -625,12 +627,13 @@ def extract_split(
     """Extracts this host's share of `source` (records of the `tiktalk/media` schema) into
     `out_dir/split/`, skipping videos already done. Returns this run's counts.
 
-    `devices` default to the host's local devices; `process_*` to jax's.
+    `devices` default to the host's local devices; `process_*` to jax's. A `runner` (the jitted
+    encoder on its mesh, compiled by an earlier split) replaces `devices` and `batch_size`.
     """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    devices = list(devices or jax.local_devices())
-    runner = Runner(encoder, devices, batch_size or encoder.default_batch_size)
+    if runner is None:
+        runner = Runner(encoder, devices or jax.local_devices(), batch_size)
     store = np.dtype(_DTYPES[storage_dtype])
     bs = runner.batch_size
     done = features.done_ids(out_dir, split)
@@ -728,7 +731,7 @@ def extract_split(
         bar.close()
     seconds = time.monotonic() - start
     stats = dict(
-        host=pi, hosts=pc, devices=len(devices), batch_size=bs, media_records=len(source),
+        host=pi, hosts=pc, devices=runner.mesh.size, batch_size=bs, media_records=len(source),
         host_videos=len(indices), written=counts["written"], failed=counts["failed"],
         already_done=counts["already_done"], items=counts["items"], batches=counts["batches"],
         compilations=runner.compilations, seconds=round(seconds, 3),
@@ -829,10 +832,14 @@ def extract_dataset(
         format="tiktalk_jax.features/1",
     )  # fmt: skip
     _check_or_write_metadata(out_dir, metadata)
+    # One runner for all splits: the encoder is placed on the devices and compiled once.
+    runner = Runner(
+        encoder, kwargs.pop("devices", None) or jax.local_devices(), kwargs.pop("batch_size", None)
+    )
     runs = {}
     for split, source in sources.items():
         runs[split] = extract_split(
-            encoder, source, out_dir, split, storage_dtype=storage_dtype, **kwargs
+            encoder, source, out_dir, split, runner=runner, storage_dtype=storage_dtype, **kwargs
         )
     report = write_report(out_dir, {s: len(src) for s, src in sources.items()}, runs)
     for split, r in report["splits"].items():
