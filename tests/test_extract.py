@@ -334,6 +334,10 @@ def test_command_line_resumes_and_refuses_other_settings(data, tmp_path, capsys)
     assert again["last_run"]["val"]["written"] == 0
     with pytest.raises(ValueError, match="other"):
         extract.main(args + ["--seed=1"])
+    # Another split joins the same dataset; the report keeps both.
+    both = extract.main([a.replace("--split=val", "--split=test") for a in args])
+    assert both["splits"]["val"]["written"] == both["splits"]["test"]["written"] == 10
+    assert features.splits(str(tmp_path)) == ["test", "val"]
 
 
 def test_pretrained_weights_are_used_and_recorded_by_hash(data, tmp_path):

@@ -768,11 +768,16 @@ def _check_or_write_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
 
 
 def write_report(out_dir: str, sizes: Mapping[str, int], runs: Mapping[str, Any]) -> dict:
-    """Aggregates every shard index of `out_dir` into `report.json` (and returns it)."""
+    """Aggregates the shard indexes of the splits in `sizes` (split -> media records) into
+    `report.json`, keeping what an earlier report says of other splits; returns the report."""
     metadata = features.read_metadata(out_dir)
+    path = os.path.join(out_dir, features.REPORT_NAME)
+    old = features.read_json(path) if os.path.isfile(path) else {"splits": {}, "last_run": {}}
     report = dict(
-        encoder=metadata["encoder"], random_init=metadata["random_init"], splits={}, last_run=runs
-    )
+        encoder=metadata["encoder"], random_init=metadata["random_init"],
+        splits={k: v for k, v in old["splits"].items() if k not in sizes},
+        last_run={**{k: v for k, v in old["last_run"].items() if k not in runs}, **runs},
+    )  # fmt: skip
     for split, size in sizes.items():
         written: set[str] = set()
         last_failure: dict[str, dict[str, str]] = {}  # a record unreadable twice counts once
@@ -790,7 +795,7 @@ def write_report(out_dir: str, sizes: Mapping[str, int], runs: Mapping[str, Any]
             media_videos=size, written=len(written), failed=dict(failed), failures=failures,
             notes=dict(notes), not_done=size - len(written) - len(failures),
         )  # fmt: skip
-    features.write_json(os.path.join(out_dir, features.REPORT_NAME), report)
+    features.write_json(path, report)
     return report
 
 
@@ -825,7 +830,7 @@ def extract_dataset(
         fields[k] = {**v, "dtype": dtype}
     metadata.update(
         fields=fields, storage_dtype=storage_dtype, media_dir=media.get("dir"),
-        media_options=media.get("options", {}), splits=sorted(sources),
+        media_options=media.get("options", {}),
         frames="every frame of the media record" if encoder.modality == "image" else None,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions={"jax": jax.__version__, "flax": _version("flax")},
