@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -562,6 +564,12 @@ class Runner:
         """float32[batch_size, *item_shape] -> outputs (asynchronously dispatched)."""
         return self.step(self.state, jax.device_put(items, self.data_sharding))
 
+    @functools.cached_property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one item's output (e.g. (2048,) or (257, 1408))."""
+        items = jax.ShapeDtypeStruct((self.batch_size, *self.item_shape), jnp.float32)
+        return tuple(jax.eval_shape(self.step, self.state, items).shape[1:])
+
     @property
     def compilations(self) -> int:
         return self.step._cache_size()
@@ -687,7 +695,7 @@ def extract_split(
                 prep = video.prepared
                 outputs = video.outputs
                 if outputs is None:  # no items (e.g. no audio): the encoder never ran
-                    outputs = np.zeros((0, *runner_output_shape()), np.float32)
+                    outputs = np.zeros((0, *runner.output_shape), np.float32)
                 record = encoder.assemble(video.video_id, prep, outputs)
                 record = _to_storage(encoder, {"video_id": video.video_id, **record}, store)
                 writer.add(record, prep.notes)
@@ -695,21 +703,10 @@ def extract_split(
             video.prepared = video.outputs = None
             bar.update(1)
 
-    output_shape: list[tuple[int, ...]] = []
-
-    def runner_output_shape():
-        if not output_shape:
-            shape = jax.eval_shape(
-                runner.step,
-                runner.state,
-                jax.ShapeDtypeStruct((bs, *encoder.item_shape), jnp.float32),
-            )
-            output_shape.append(tuple(shape.shape[1:]))  # fmt: skip
-        return output_shape[0]
-
     start = time.monotonic()
-    try:
-        stream = _prepared_stream(source, indices, encoder, done, threads, lookahead=2 * threads)
+    stream = _prepared_stream(source, indices, encoder, done, threads, lookahead=2 * threads)
+    # closing(): on an error the reader threads stop now, not when the generator is collected.
+    with contextlib.closing(stream), bar:
         for video in stream:
             if video.skipped:
                 counts["already_done"] += 1
@@ -727,8 +724,6 @@ def extract_split(
         collect()
         drain()
         writer.close()
-    finally:
-        bar.close()
     seconds = time.monotonic() - start
     stats = dict(
         host=pi, hosts=pc, devices=runner.mesh.size, batch_size=bs, media_records=len(source),
