@@ -26,7 +26,9 @@ _MODES = ("train", "demo", "build")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
-flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
+flags.DEFINE_multi_string(
+    "workdir", None, "Directory for everything the run writes (given once; compare: once per run)."
+)
 config_flags.DEFINE_config_file(
     "config", None, "train: config file, path.py[:arg].", lock_config=True
 )
@@ -100,21 +102,26 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if len(FLAGS.workdir) > 1:
+        raise app.UsageError(
+            f"--mode={FLAGS.mode} takes one --workdir, got {len(FLAGS.workdir)}: {FLAGS.workdir}"
+        )
+    workdir = FLAGS.workdir[0]
     if FLAGS.mode == "train":
         if FLAGS.config is None:
             raise app.UsageError("--mode=train needs --config=path.py[:arg]")
         from tiktalk_jax import train
 
         logging.set_verbosity(logging.INFO)
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, workdir)
         return
     logging.set_verbosity(logging.WARNING)
     if FLAGS.mode == "demo":
-        run_demo(FLAGS.workdir, FLAGS.sample_seed)
+        run_demo(workdir, FLAGS.sample_seed)
     elif FLAGS.mode == "build":
         if not FLAGS.manual_dir:
             raise app.UsageError("--mode=build needs --manual_dir")
-        data_dir = FLAGS.data_dir or os.path.join(FLAGS.workdir, "data")
+        data_dir = FLAGS.data_dir or os.path.join(workdir, "data")
         build_dataset(FLAGS.manual_dir, data_dir, FLAGS.tfds_config)
 
 
