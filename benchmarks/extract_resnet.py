@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tiktalk_jax import extract  # noqa: E402
+from tiktalk_jax import encoders, extract  # noqa: E402
 
 
 def describe() -> str:
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(describe())
-    encoder = extract.build_encoder("resnet101", dtype=args.dtype)
+    encoder = encoders.build_encoder("resnet101", dtype=args.dtype)
     result = bench_encoder(encoder, args.batch_size, args.steps)
     print(f"encoder (resnet101, {args.dtype}, 224x224): {result}")
     if not args.no_end_to_end:

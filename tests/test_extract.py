@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tiktalk_jax import audio_features, extract, features
+from tiktalk_jax import audio_features, encoders, extract, features
 from tiktalk_jax import input_pipeline as ip
 from tiktalk_jax.image_preprocessing import ImageProcessor
 
@@ -32,7 +32,7 @@ BATCH = 12  # rounded up to 16 on 8 devices: 2 frames per device
 @functools.cache
 def tiny(name):
     """One encoder per name for the whole module: random init compiles a program per shape."""
-    return extract.build_encoder(name, model_config=TINY[name])
+    return encoders.build_encoder(name, model_config=TINY[name])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_resnet_features_for_every_good_video_on_8_devices(data, resnet_run):
     records = read_all(out, "val")
     for i in (0, 7):
         record = media[i]
-        frames = [extract.decode_frame(f) for f in record["frames"]]
+        frames = [encoders.decode_frame(f) for f in record["frames"]]
         want = encoder.model(jnp.asarray(processor.batch(frames))).pooler_output
         got = records[ip.as_text(record["video_id"])]
         assert got["features"].shape == (len(frames), 16) and got["features"].dtype == np.float32
@@ -259,12 +259,12 @@ def test_audio_encoders_share_the_096s_grid_and_handle_silence(data, tmp_path):
         return r
 
     source = {"val": Faulty(val, edits={2: silent})}
-    reports, records, encoders = {}, {}, {}
+    reports, records, built = {}, {}, {}
     for name in ("vggish", "whisper"):
-        encoders[name] = tiny(name)
+        built[name] = tiny(name)
         out = str(tmp_path / name)
         reports[name] = extract.extract_dataset(
-            encoders[name], source, out, batch_size=8, progress=False
+            built[name], source, out, batch_size=8, progress=False
         )
         records[name] = read_all(out, "val")
     silent_id = ip.as_text(val[2]["video_id"])
@@ -273,18 +273,18 @@ def test_audio_encoders_share_the_096s_grid_and_handle_silence(data, tmp_path):
         assert records[name][silent_id]["features"].shape == (0, dim)
     record = val[0]
     vid = ip.as_text(record["video_id"])
-    samples = extract.decode_audio(record)
-    n = extract.audio_windows(samples.size)
+    samples = encoders.decode_audio(record)
+    n = encoders.audio_windows(samples.size)
     assert n == 4  # 4 s of sample audio
     v, w = records["vggish"][vid], records["whisper"][vid]
     np.testing.assert_array_equal(v["times"], w["times"])
     np.testing.assert_allclose(v["times"], 0.96 * np.arange(n), rtol=1e-6)
     examples = audio_features.vggish_examples(samples)
-    want = encoders["vggish"].model(jnp.asarray(examples))
+    want = built["vggish"].model(jnp.asarray(examples))
     np.testing.assert_allclose(v["features"], want, rtol=1e-4, atol=1e-6)
     # Whisper: encoder states of the valid frames, averaged over 48-state (0.96 s) windows.
     mel, frames = audio_features.whisper_log_mel(samples)
-    states = np.asarray(encoders["whisper"].model(jnp.asarray(mel)))[0, : (frames[0] + 1) // 2]
+    states = np.asarray(built["whisper"].model(jnp.asarray(mel)))[0, : (frames[0] + 1) // 2]
     want = states[: 48 * n].reshape(n, 48, -1).mean(1)
     np.testing.assert_allclose(w["features"], want, rtol=1e-4, atol=1e-5)
 
@@ -307,7 +307,7 @@ def test_vit_video_mean_and_seeded_image_frame_in_bfloat16(data, tmp_path):
         record = val[i]
         vid = ip.as_text(record["video_id"])
         got = records[vid]
-        frames = [extract.decode_frame(f) for f in record["frames"]]
+        frames = [encoders.decode_frame(f) for f in record["frames"]]
         tokens = np.asarray(encoder.model(jnp.asarray(processor.batch(frames))).last_hidden_state)
         k = int(np.random.default_rng([0, zlib.crc32(vid.encode())]).integers(len(frames)))
         assert int(got["image_frame"]) == k and int(got["num_frames"]) == len(frames)
@@ -349,13 +349,13 @@ def test_pretrained_weights_are_used_and_recorded_by_hash(data, tmp_path):
     torch.manual_seed(0)
     transformers.ResNetModel(config).eval().save_pretrained(ckpt)
     hf = transformers.ResNetModel.from_pretrained(ckpt).eval()
-    encoder = extract.build_encoder("resnet50", ckpt)
+    encoder = encoders.build_encoder("resnet50", ckpt)
     assert encoder.metadata["random_init"] is False and "warning" not in encoder.metadata
     assert encoder.metadata["weights"] == ckpt and len(encoder.metadata["sha256"]) == 64
     val = extract.open_media(data["media"], "val")
     extract.extract_dataset(encoder, {"val": val}, out, batch_size=8, progress=False)
     record = val[0]
-    frames = [extract.decode_frame(f) for f in record["frames"]]
+    frames = [encoders.decode_frame(f) for f in record["frames"]]
     pixels = ImageProcessor.for_encoder("resnet").batch(frames)
     with torch.no_grad():
         want = hf(torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output.flatten(1)
@@ -363,11 +363,11 @@ def test_pretrained_weights_are_used_and_recorded_by_hash(data, tmp_path):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
 
     with pytest.raises(ValueError, match="random-init"):
-        extract.build_encoder("resnet50", ckpt, model_config={"depths": [1, 1]})
+        encoders.build_encoder("resnet50", ckpt, model_config={"depths": [1, 1]})
     # Other weights under the same path: a resumed run must not mix them into these features.
     torch.manual_seed(1)
     transformers.ResNetModel(config).eval().save_pretrained(ckpt)
-    other = extract.build_encoder("resnet50", ckpt)
+    other = encoders.build_encoder("resnet50", ckpt)
     assert other.metadata["sha256"] != encoder.metadata["sha256"]
     with pytest.raises(ValueError, match="sha256"):
         extract.extract_dataset(other, {"val": val}, out, batch_size=8, progress=False)

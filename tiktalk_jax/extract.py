@@ -4,30 +4,13 @@
         --data_dir=~/tensorflow_datasets --out_dir=/data/features/resnet101 [--split=train,val]
         [--batch_size=64] [--dtype=bfloat16] [--storage_dtype=bfloat16] [--shard_size=256]
 
-Encoders (`--pretrained`: a local HF directory, a torchvggish weights FILE for vggish; without
-it the encoder is a seeded random init, for tests and smoke runs only, and the run says so in
-the log and in metadata.json) and their records (N = frames, or 0.96 s windows, of the video;
-"float" is `--storage_dtype`):
-  resnet18..resnet152   item: one frame (ResNet ImageProcessor).
-                        features float[N, C] (pooled; C = 2048 for 50/101/152), times float32[N].
-  vit_g (EVA ViT-g/14)  item: one frame (BLIP-2 ImageProcessor).
-                        features float[257, 1408]: the frames' tokens averaged (BLIP-2_Video);
-                        image_features float[257, 1408]: one frame's tokens (BLIP-2_Img);
-                        image_frame int32 (which frame), times float32[N], num_frames int32.
-  vggish                item: one 0.96 s log-mel example [96, 64].
-                        features float[N, 128], times float32[N] (window starts, 0.96 * i).
-  whisper[-size]        item: one 30 s log-mel chunk [80, 3000].
-                        features float[N, d_model], times float32[N] (as vggish).
-
-Every record also has `video_id: str`. Frames: all frames of the media record (the media build
-samples `fps` frames per second, at most `max_frames`; both are copied into metadata.json).
-BLIP-2_Img's frame is a seeded random choice per video,
-`default_rng([seed, crc32(video_id)])`, so it does not depend on hosts or batch sizes. Whisper is
-pooled onto VGGish's grid: its 20 ms encoder states (30 s chunks, concatenated over the valid
-part of each chunk) are averaged over the same non-overlapping 0.96 s windows VGGish embeds, so
-both audio feature types have one row per window and are interchangeable in a model. A video
-without audio gets N = 0 rows and a `no_audio` note (`audio_shorter_than_window` when there is
-audio but less than 0.96 s).
+Encoders: resnet18..resnet152, vit_g (EVA ViT-g/14), vggish, whisper[-size]; their
+preprocessing and the arrays of their records are documented in `tiktalk_jax.encoders`.
+`--pretrained` is a local HF directory (vggish: a torchvggish weights FILE); without it the
+encoder is a seeded random init, for tests and smoke runs only, and the run says so in the log
+and in metadata.json. Every record also has `video_id: str`. Frames: all frames of the media
+record (the media build samples `fps` frames per second, at most `max_frames`; both are copied
+into metadata.json).
 
 How it runs:
 - Videos are split over hosts by record index (host i takes i, i + hosts, ...). Each host runs
@@ -52,14 +35,11 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import hashlib
-import io
 import json
 import os
 import sys
 import time
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -68,31 +48,8 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from tiktalk_jax import audio_features, features
-from tiktalk_jax.image_preprocessing import ImageProcessor
-
-Record = Mapping[str, Any]
-
-VGGISH_WINDOW_S = 0.96
-# Whisper encoder states per 0.96 s window: 20 ms each.
-_WHISPER_STATES_PER_WINDOW = 48
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".json")
-RANDOM_INIT_WARNING = (
-    "RANDOM-INIT ENCODER: no --pretrained weights were given, so these features come from a "
-    "seeded random initialisation and carry no pretrained knowledge. Use them only for tests "
-    "and smoke runs."
-)
-
-
-class CorruptMedia(Exception):
-    """A video that cannot be used; `reason` is a short report key."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
+from tiktalk_jax import audio_features, encoders, features
+from tiktalk_jax.encoders import Encoder, Record
 
 # ---------------------------------------------------------------------------------------------
 # Reading the media dataset.
@@ -167,362 +124,6 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def decode_frame(frame: Any) -> np.ndarray:
-    """JPEG bytes (or an already decoded array) -> uint8[H, W, 3] RGB."""
-    if isinstance(frame, np.ndarray):
-        return frame
-    from PIL import Image
-
-    with Image.open(io.BytesIO(frame)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def decode_audio(record: Record) -> np.ndarray:
-    """int16[N] samples at 16 kHz (empty when the video has no audio)."""
-    audio = record.get("audio", b"")
-    if isinstance(audio, np.ndarray):
-        return audio.astype(np.int16, copy=False).reshape(-1)
-    if len(audio) % 2:
-        raise CorruptMedia("audio_undecodable", f"{len(audio)} bytes is not int16 samples")
-    return np.frombuffer(audio, "<i2").astype(np.int16)
-
-
-def audio_windows(num_samples: int) -> int:
-    """Whole 0.96 s VGGish examples in `num_samples` 16 kHz samples (as `vggish_examples`)."""
-    if num_samples < audio_features.VGGISH_WINDOW:
-        return 0
-    frames = 1 + (num_samples - audio_features.VGGISH_WINDOW) // audio_features.VGGISH_HOP
-    return frames // audio_features.VGGISH_EXAMPLE_FRAMES
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoders: host preprocessing, the jitted forward pass, per-video assembly.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Prepared:
-    """One video, preprocessed on the host: `items[n, *item_shape]` go through the encoder."""
-
-    items: np.ndarray
-    context: dict[str, Any]
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Encoder:
-    """A frozen encoder with everything extraction needs.
-
-    Attributes:
-      name: "resnet101", "vit_g", "vggish", "whisper", ...
-      model: the NNX module (weights frozen; never trained here).
-      item_shape: the shape of one encoder input (a frame, an audio example or chunk).
-      prepare: record -> `Prepared` (host; raises `CorruptMedia`).
-      forward: (model, float[B, *item_shape]) -> float[B, ...], traced under jit.
-      assemble: (video_id, Prepared, float32[n, ...] outputs) -> the record's arrays.
-      feature_fields: the fields stored in the storage dtype.
-      default_batch_size: items per host step when not given.
-      metadata: what is recorded about the encoder (config, weights, preprocessing).
-    """
-
-    name: str
-    modality: str
-    model: nnx.Module
-    item_shape: tuple[int, ...]
-    prepare: Callable[[Record], Prepared]
-    forward: Callable[[nnx.Module, jax.Array], jax.Array]
-    assemble: Callable[[str, Prepared, np.ndarray], dict[str, np.ndarray]]
-    feature_fields: tuple[str, ...]
-    default_batch_size: int
-    metadata: dict[str, Any]
-
-
-def _frames_prepare(processor: ImageProcessor) -> Callable[[Record], Prepared]:
-    def prepare(record: Record) -> Prepared:
-        frames = list(record["frames"])
-        if not frames:
-            raise CorruptMedia("no_frames", "the media record has no frames")
-        pixels = []
-        for j, frame in enumerate(frames):
-            try:
-                image = decode_frame(frame)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-                raise CorruptMedia("frame_undecodable", f"frame {j}: {e!r}") from None
-            pixels.append(processor(image))
-        times = np.asarray(record.get("frame_times", np.arange(len(frames))), np.float32)
-        if times.shape != (len(frames),):
-            raise CorruptMedia("bad_frame_times", f"{times.shape} for {len(frames)} frames")
-        return Prepared(np.stack(pixels), {"times": times})
-
-    return prepare
-
-
-def _resnet(name, pretrained, seed, dtype, overrides) -> Encoder:
-    from tiktalk_jax.models.resnet import ResNet, ResNetConfig
-
-    if pretrained:
-        model = ResNet.from_pretrained(pretrained, dtype=dtype)
-        processor = ImageProcessor.from_pretrained(pretrained, "resnet")
-    else:
-        cfg = dataclasses.replace(ResNetConfig.named(name), **overrides)
-        model = ResNet.from_config(cfg, seed=seed, dtype=dtype)
-        processor = ImageProcessor.for_encoder("resnet")
-
-    def assemble(video_id, prep, out):
-        del video_id
-        return {"features": out, "times": prep.context["times"]}
-
-    dim = model.feature_dim
-    return Encoder(
-        name=name,
-        modality="image",
-        model=model,
-        item_shape=(*processor.output_size, 3),
-        prepare=_frames_prepare(processor),
-        forward=lambda m, x: m(x).pooler_output,
-        assemble=assemble,
-        feature_fields=("features",),
-        default_batch_size=64,
-        metadata=dict(
-            model_config=dataclasses.asdict(model.config),
-            preprocessing=dataclasses.asdict(processor),
-            fields={
-                "features": dict(shape=[None, dim], doc="pooled ResNet output per frame"),
-                "times": dict(shape=[None], dtype="float32", doc="frame time in seconds"),
-            },
-        ),
-    )
-
-
-def _vit(name, pretrained, seed, dtype, overrides) -> Encoder:
-    from tiktalk_jax.models.vit import VisionConfig, VisionTransformer
-
-    if pretrained:
-        model = VisionTransformer.from_pretrained(pretrained, dtype=dtype)
-        processor = ImageProcessor.from_pretrained(pretrained, "blip2")
-    else:
-        cfg = dataclasses.replace(VisionConfig(), **overrides)
-        model = VisionTransformer.from_config(cfg, seed=seed, dtype=dtype)
-        processor = ImageProcessor.for_encoder("blip2")
-
-    def assemble(video_id, prep, out):
-        n = out.shape[0]
-        # Seeded by the video, not by the order or host it was processed on.
-        rng = np.random.default_rng([seed, zlib.crc32(video_id.encode("utf-8"))])
-        k = int(rng.integers(n))
-        return {
-            "features": out.mean(axis=0),
-            "image_features": out[k],
-            "image_frame": np.int32(k),
-            "times": prep.context["times"],
-            "num_frames": np.int32(n),
-        }
-
-    tokens, dim = model.config.num_patches + 1, model.feature_dim
-    return Encoder(
-        name=name,
-        modality="image",
-        model=model,
-        item_shape=(*processor.output_size, 3),
-        prepare=_frames_prepare(processor),
-        forward=lambda m, x: m(x).last_hidden_state,
-        assemble=assemble,
-        feature_fields=("features", "image_features"),
-        default_batch_size=32,
-        metadata=dict(
-            model_config=dataclasses.asdict(model.config),
-            preprocessing=dataclasses.asdict(processor),
-            image_frame=f"default_rng([{seed}, crc32(video_id)]).integers(num_frames)",
-            fields={
-                "features": dict(shape=[tokens, dim], doc="mean over frames (BLIP-2_Video)"),
-                "image_features": dict(shape=[tokens, dim], doc="one frame (BLIP-2_Img)"),
-                "image_frame": dict(shape=[], dtype="int32", doc="index of that frame"),
-                "times": dict(shape=[None], dtype="float32", doc="frame times in seconds"),
-                "num_frames": dict(shape=[], dtype="int32", doc="frames averaged"),
-            },
-        ),
-    )
-
-
-def _audio_prepare_notes(record: Record, samples: np.ndarray, n: int) -> list[str]:
-    if not record.get("has_audio", samples.size > 0) or samples.size == 0:
-        return ["no_audio"]
-    return ["audio_shorter_than_window"] if n == 0 else []
-
-
-def _vggish(name, pretrained, seed, dtype, overrides) -> Encoder:
-    from tiktalk_jax.models.vggish import VGGish, VGGishConfig
-
-    if pretrained:
-        model = VGGish.from_pretrained(pretrained, dtype=dtype)
-    else:
-        model = VGGish.from_config(dataclasses.replace(VGGishConfig(), **overrides), seed=seed,
-                                   dtype=dtype)  # fmt: skip
-
-    def prepare(record):
-        samples = decode_audio(record)
-        examples = audio_features.vggish_examples(samples)
-        notes = _audio_prepare_notes(record, samples, examples.shape[0])
-        return Prepared(examples, {}, notes)
-
-    def assemble(video_id, prep, out):
-        del video_id
-        return {"features": out, "times": VGGISH_WINDOW_S * np.arange(len(out), dtype=np.float32)}
-
-    cfg = model.config
-    return Encoder(
-        name=name,
-        modality="audio",
-        model=model,
-        item_shape=(cfg.num_frames, cfg.num_bands),
-        prepare=prepare,
-        forward=lambda m, x: m(x),
-        assemble=assemble,
-        feature_fields=("features",),
-        default_batch_size=64,
-        metadata=dict(
-            model_config=dataclasses.asdict(cfg),
-            preprocessing=dict(
-                front_end="audio_features.vggish_examples: 16 kHz, 25/10 ms, 64 HTK mel bands "
-                "125-7500 Hz, log(mel + 0.01), non-overlapping 0.96 s examples (tail dropped)",
-                pca=False,
-            ),
-            fields={
-                "features": dict(shape=[None, model.feature_dim], doc="one per 0.96 s example"),
-                "times": dict(shape=[None], dtype="float32", doc="window start in seconds"),
-            },
-        ),
-    )
-
-
-def _whisper(name, pretrained, seed, dtype, overrides) -> Encoder:
-    from tiktalk_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
-
-    if pretrained:
-        model = WhisperEncoder.from_pretrained(pretrained, dtype=dtype)
-    else:
-        size = name.removeprefix("whisper").removeprefix("-") or "tiny"
-        cfg = dataclasses.replace(WhisperEncoderConfig.named(size), **overrides)
-        model = WhisperEncoder.from_config(cfg, seed=seed, dtype=dtype)
-    cfg = model.config
-    if cfg.num_frames != audio_features.WHISPER_FRAMES:
-        raise ValueError(f"Whisper encoders take {audio_features.WHISPER_FRAMES} mel frames")
-
-    def prepare(record):
-        samples = decode_audio(record)
-        chunks, frames = audio_features.whisper_log_mel(samples, num_mel_bins=cfg.num_mel_bins)
-        n = audio_windows(samples.size)
-        notes = _audio_prepare_notes(record, samples, n)
-        # The stride-2 conv halves the frames: valid states per chunk.
-        return Prepared(chunks, {"valid": (frames + 1) // 2, "windows": n}, notes)
-
-    def assemble(video_id, prep, out):
-        del video_id
-        n, w = prep.context["windows"], _WHISPER_STATES_PER_WINDOW
-        states = [out[c, :v] for c, v in enumerate(prep.context["valid"])]
-        states = np.concatenate(states) if states else np.zeros((0, out.shape[-1]), out.dtype)
-        pooled = states[: n * w].reshape(n, w, states.shape[-1]).mean(axis=1)
-        return {"features": pooled, "times": VGGISH_WINDOW_S * np.arange(n, dtype=np.float32)}
-
-    return Encoder(
-        name=name,
-        modality="audio",
-        model=model,
-        item_shape=(cfg.num_mel_bins, cfg.num_frames),
-        prepare=prepare,
-        forward=lambda m, x: m(x),
-        assemble=assemble,
-        feature_fields=("features",),
-        default_batch_size=8,
-        metadata=dict(
-            model_config=dataclasses.asdict(cfg),
-            preprocessing=dict(
-                front_end="audio_features.whisper_log_mel: 30 s chunks, 80/128 Slaney mel bins",
-                pooling="encoder states (20 ms) averaged over VGGish's 0.96 s windows",
-            ),
-            fields={
-                "features": dict(shape=[None, model.feature_dim], doc="one per 0.96 s window"),
-                "times": dict(shape=[None], dtype="float32", doc="window start in seconds"),
-            },
-        ),
-    )
-
-
-def _family(name: str):
-    if name.startswith("resnet"):
-        return _resnet
-    if name in ("vit_g", "eva_vit_g"):
-        return _vit
-    if name == "vggish":
-        return _vggish
-    if name == "whisper" or name.startswith("whisper-"):
-        return _whisper
-    raise ValueError(
-        f"unknown encoder {name!r}: resnet18..resnet152, vit_g, vggish, whisper[-size]"
-    )
-
-
-def _sha256(paths: Sequence[str]) -> str:
-    """One digest over the named files (name and content, in sorted order)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_info(pretrained: str | None, seed: int) -> dict[str, Any]:
-    """What metadata.json says about the weights: path + sha256, or the random-init seed."""
-    if not pretrained:
-        return {"random_init": True, "weights": f"random-init seed={seed}"}
-    path = os.path.abspath(pretrained)
-    if os.path.isdir(path):
-        files = [
-            os.path.join(path, n)
-            for n in os.listdir(path)
-            if n.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, n))
-        ]
-    else:
-        files = [path]
-    return {"random_init": False, "weights": path, "sha256": _sha256(files)}
-
-
-def build_encoder(
-    name: str,
-    pretrained: str | None = None,
-    *,
-    seed: int = 0,
-    dtype: str = "float32",
-    model_config: Mapping[str, Any] | None = None,
-) -> Encoder:
-    """The named encoder, from `pretrained` or (loudly) a seeded random init.
-
-    Args:
-      name: resnet18..resnet152, vit_g, vggish, whisper or whisper-<size>.
-      pretrained: a local HF directory (vggish: a torchvggish weights file); None = random init.
-      seed: the random-init seed (and the BLIP-2_Img frame choice).
-      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      model_config: overrides of the random-init model config (tiny models for tests).
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (model_config or {}).items()}
-    if pretrained and overrides:
-        raise ValueError("model_config overrides only apply to a random-init encoder")
-    encoder = _family(name)(name, pretrained, seed, _DTYPES[dtype], overrides)
-    info = weights_info(pretrained, seed)
-    if info["random_init"]:
-        logging.warning("%s\n%s\n%s", "!" * 80, f"{name}: {RANDOM_INIT_WARNING}", "!" * 80)
-        info["warning"] = RANDOM_INIT_WARNING
-    encoder.metadata = dict(
-        encoder=name, modality=encoder.modality, seed=seed, compute_dtype=dtype,
-        **info, **encoder.metadata,
-    )  # fmt: skip
-    return encoder
-
-
 # ---------------------------------------------------------------------------------------------
 # The extraction loop.
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +133,7 @@ def build_encoder(
 class _Video:
     index: int
     video_id: str
-    prepared: Prepared | None = None
+    prepared: encoders.Prepared | None = None
     error: tuple[str, str] | None = None
     skipped: bool = False
     outputs: np.ndarray | None = None
@@ -586,7 +187,7 @@ def _prepare_video(source, index: int, encoder: Encoder, done: set[str]) -> _Vid
         return _Video(index, video_id, skipped=True)
     try:
         prepared = encoder.prepare(record)
-    except CorruptMedia as e:
+    except encoders.CorruptMedia as e:
         return _Video(index, video_id, error=(e.reason, e.message))
     except Exception as e:  # preprocessing must never stop the run: report and move on
         return _Video(index, video_id, error=("preprocessing_failed", repr(e)))
@@ -642,7 +243,7 @@ def extract_split(
     pc = jax.process_count() if process_count is None else process_count
     if runner is None:
         runner = Runner(encoder, devices or jax.local_devices(), batch_size)
-    store = np.dtype(_DTYPES[storage_dtype])
+    store = np.dtype(encoders.DTYPES[storage_dtype])
     bs = runner.batch_size
     done = features.done_ids(out_dir, split)
     writer = features.ShardWriter(out_dir, split, pi, shard_size)
@@ -809,8 +410,10 @@ def extract_dataset(
     `media`: where the records came from (dir, build options), copied into the metadata.
     `kwargs` go to `extract_split`. Returns the report.
     """
-    if storage_dtype not in _DTYPES:
-        raise ValueError(f"storage_dtype must be one of {sorted(_DTYPES)}, got {storage_dtype!r}")
+    if storage_dtype not in encoders.DTYPES:
+        raise ValueError(
+            f"storage_dtype must be one of {sorted(encoders.DTYPES)}, got {storage_dtype!r}"
+        )
     media = dict(media or {})
     rate = media.get("options", {}).get("sample_rate", audio_features.SAMPLE_RATE)
     if encoder.modality == "audio" and rate != audio_features.SAMPLE_RATE:
@@ -849,7 +452,7 @@ def extract_dataset(
             {k: len(v) for k, v in r["notes"].items()}, r["not_done"],
         )  # fmt: skip
     if metadata["random_init"]:
-        logging.warning("%s: %s", out_dir, RANDOM_INIT_WARNING)
+        logging.warning("%s: %s", out_dir, encoders.RANDOM_INIT_WARNING)
     return report
 
 
@@ -871,6 +474,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
     # A private FlagValues: importing this module (tests, notebooks) must not claim common flag
     # names such as --batch_size in the global absl FLAGS of another entry point.
     f = dict(flag_values=fv)
+    dtypes = sorted(encoders.DTYPES)
     flags.DEFINE_string("encoder", "resnet101", "resnet18..152, vit_g, vggish, whisper[-size]", **f)
     flags.DEFINE_string(
         "pretrained", None, "Local HF dir (vggish: weights file); unset = random init (LOUD).", **f
@@ -880,8 +484,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out_dir", None, "Features dir (default DATA_DIR/features/ENCODER).", **f)
     flags.DEFINE_list("split", None, "Splits to extract (default: all media splits).", **f)
     flags.DEFINE_integer("batch_size", 0, "Items (frames, audio examples) per host step.", **f)
-    flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES), "Compute dtype.", **f)
-    flags.DEFINE_enum("storage_dtype", None, sorted(_DTYPES), "Stored dtype (default dtype).", **f)
+    flags.DEFINE_enum("dtype", "float32", dtypes, "Compute dtype.", **f)
+    flags.DEFINE_enum("storage_dtype", None, dtypes, "Stored dtype (default dtype).", **f)
     flags.DEFINE_integer("shard_size", 256, "Videos per shard (the unit of resumption).", **f)
     flags.DEFINE_integer("num_threads", 0, "Host decoding threads; 0 = min(8, cores).", **f)
     flags.DEFINE_integer("seed", 0, "Random-init seed; seed of the BLIP-2_Img frame.", **f)
@@ -907,7 +511,7 @@ def main(argv: Sequence[str]) -> dict[str, Any] | None:
     splits = fv.split or media_splits(version_dir)
     data_root = os.path.dirname(os.path.dirname(os.path.dirname(version_dir)))
     out_dir = fv.out_dir or os.path.join(data_root, "features", fv.encoder)
-    encoder = build_encoder(
+    encoder = encoders.build_encoder(
         fv.encoder, fv.pretrained, seed=fv.seed, dtype=fv.dtype,
         model_config=json.loads(fv.model_config) if fv.model_config else None,
     )  # fmt: skip
