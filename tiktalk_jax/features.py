@@ -18,7 +18,7 @@ the union of its indexes (written and failed videos), whatever host wrote them.
 
 One record per video: a msgpack map (`flax.serialization`, which keeps bfloat16) of
 `video_id: str` and numpy arrays; which arrays, is the encoder's business and is listed under
-`fields` in metadata.json (see `tiktalk_jax.extract`). `FeatureTable` reads them back as a
+`fields` in metadata.json (see `tiktalk_jax.encoders`). `FeatureTable` reads them back as a
 random-access sequence of dicts, the source interface `input_pipeline.SideTable` joins on:
 
     table = features.FeatureTable(features_dir, "train")
