@@ -10,6 +10,9 @@ Modes:
            DIR/raw/    the sample release (raw layout of tfds_builder/tiktalk/README.md)
            DIR/data/   the TFDS data_dir (tiktalk/dialogues/..., tiktalk/media/...)
   build  Build one TFDS config from a release: --manual_dir=... --data_dir=... --tfds_config=...
+  compare  Tabulate and plot the scores of every evaluated checkpoint of one or more runs
+         (tiktalk_jax/compare.py); --workdir once per run, files into --out (default: the first):
+           python -m tiktalk_jax.main --mode=compare --workdir=runs/t --workdir=runs/tvak
 
 `make demo` runs `--mode=demo --workdir=demo_out`.
 """
@@ -22,7 +25,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_MODES = ("train", "demo", "build")
+_MODES = ("train", "demo", "build", "compare")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
@@ -36,6 +39,9 @@ flags.DEFINE_string("manual_dir", None, "build: the raw release directory.")
 flags.DEFINE_string("data_dir", None, "build: the TFDS data_dir (default: WORKDIR/data).")
 flags.DEFINE_string("tfds_config", "dialogues", "build: the TFDS config, dialogues or media.")
 flags.DEFINE_integer("sample_seed", 0, "demo: seed of the generated sample release.")
+flags.DEFINE_string(
+    "out", None, "compare: directory for the table and plot (default: 1st workdir)."
+)
 
 
 def _banner(text: str) -> None:
@@ -102,6 +108,16 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if FLAGS.mode == "compare":
+        from tiktalk_jax import compare
+
+        logging.set_verbosity(logging.WARNING)
+        try:
+            result = compare.compare(FLAGS.workdir, out=FLAGS.out)
+        except compare.NoScoresError as e:
+            raise SystemExit(f"--mode=compare: {e}") from None
+        print(result.text, flush=True)
+        return
     if len(FLAGS.workdir) > 1:
         raise app.UsageError(
             f"--mode={FLAGS.mode} takes one --workdir, got {len(FLAGS.workdir)}: {FLAGS.workdir}"
