@@ -1,0 +1,290 @@
+"""compare: tables, best marking, comparability warnings, CSV/markdown/PNG, the CLI mode."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiktalk_jax import compare
+
+REPO = Path(__file__).resolve().parents[1]
+NLG = ("bleu2", "bleu4", "meteor", "rouge_l", "cider", "dist2", "dist3")
+METADATA = {
+    "segmenter": "char: every non-whitespace character is a token",
+    "segmenter_version": None,
+    "aggregation": "per-reference average over K",
+    "decoding": {"method": "beam", "beam_size": 5, "max_len": 20},
+    "features": {"frames": 10, "vision": "resnet101"},
+}
+
+
+def write_scores(workdir, split, step, base, *, metadata=None, meteor=True, variant="t"):
+    """A scores file as evaluate.py writes it; every metric is `base` plus a per-metric offset."""
+    os.makedirs(workdir, exist_ok=True)
+    nlg = {key: base + i for i, key in enumerate(NLG)}
+    if not meteor:
+        nlg["meteor"] = None
+    record = {
+        "split": split,
+        "step": step,
+        "nlg_scores": nlg,
+        "retrieval": {
+            "recall@1": base,
+            "recall@5": 2 * base,
+            "recall@10": 3 * base,
+            "mean_rank": 50.0 - base,
+        },
+        "per_kind": {
+            "vision": {"bleu4": base / 2, "num_examples": 3},
+            "audio": {"bleu4": float("nan"), "num_examples": 0},
+        },
+        "metadata": {
+            **(METADATA if metadata is None else metadata),
+            "checkpoint_step": step,
+            "variant": variant,
+        },
+    }
+    path = os.path.join(workdir, f"scores_{split}_step{step}.json")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    t, tvak = str(tmp_path / "t"), str(tmp_path / "tvak")
+    for step, base in ((10, 1.0), (20, 3.0), (30, 2.5)):
+        write_scores(t, "test", step, base)
+    for step, base in ((10, 2.0), (20, 4.0)):
+        write_scores(tvak, "test", step, base, variant="tvak")
+    return t, tvak
+
+
+def table_rows(text, title_prefix):
+    """{(run, step): [cells]} of the text table whose title starts with `title_prefix`."""
+    block = text.split(title_prefix, 1)[1].split("\n\n", 1)[0].splitlines()
+    header = block[1].split()
+    rows = {(cells[0], int(cells[1])): cells[2:] for cells in map(str.split, block[2:])}
+    return header, rows
+
+
+def test_collect_reads_every_scores_file_and_flattens_metrics(two_runs):
+    entries, skipped = compare.collect(list(two_runs))
+    assert skipped == []
+    assert [(e.run, e.split, e.step) for e in entries] == [
+        ("t", "test", 10),
+        ("t", "test", 20),
+        ("t", "test", 30),
+        ("tvak", "test", 10),
+        ("tvak", "test", 20),
+    ]
+    scores = entries[1].scores
+    assert scores["bleu4"] == 4.0 and scores["recall@10"] == 9.0 and scores["mean_rank"] == 47.0
+    assert scores["per_kind/vision/bleu4"] == 1.5
+    # Counts are not metrics; a NaN score (empty kind) is shown as missing.
+    assert "per_kind/vision/num_examples" not in scores
+    assert scores["per_kind/audio/bleu4"] is None
+    assert entries[0].metadata["decoding.beam_size"] == 5
+
+
+def test_table_marks_the_best_value_of_each_column(two_runs, tmp_path):
+    result = compare.compare(list(two_runs), out=str(tmp_path / "out"))
+    header, rows = table_rows(result.text, "[test] scores")
+    assert header == ["run", "step", *NLG, "recall@1", "recall@5", "recall@10", "mean_rank"]
+    assert set(rows) == {("t", 10), ("t", 20), ("t", 30), ("tvak", 10), ("tvak", 20)}
+    assert rows[("t", 20)][:2] == ["3.00", "4.00"]
+    # tvak@20 has the highest of every score and the lowest mean_rank: every column marked there.
+    assert all(cell.endswith("*") for cell in rows[("tvak", 20)])
+    assert rows[("tvak", 20)][-1] == "46.00*"
+    others = [cell for key, cells in rows.items() if key != ("tvak", 20) for cell in cells]
+    assert not any(cell.endswith("*") for cell in others)
+    # The per-kind scores get their own table.
+    _, kind_rows = table_rows(result.text, "[test] per_kind/vision")
+    assert kind_rows[("tvak", 20)] == ["2.00*"] and kind_rows[("t", 30)] == ["1.25"]
+    assert result.warnings == []
+
+
+def test_lower_is_better_and_missing_values_never_win(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_scores(a, "val", 5, 9.0, meteor=False)  # best everywhere, but METEOR skipped
+    write_scores(b, "val", 5, 1.0)
+    result = compare.compare([a, b], out=str(tmp_path))
+    header, rows = table_rows(result.text, "[val] scores")
+    meteor = header.index("meteor") - 2
+    assert rows[("a", 5)][meteor] == "-"
+    assert rows[("b", 5)][meteor] == "3.00*"
+    assert rows[("a", 5)][header.index("mean_rank") - 2] == "41.00*"  # 50 - 9: lowest rank
+    assert rows[("b", 5)][header.index("mean_rank") - 2] == "49.00"
+    assert compare.lower_is_better("mean_rank") and compare.lower_is_better("val/loss")
+    assert not compare.lower_is_better("recall@1")
+
+
+def test_warns_when_metadata_differs_and_names_the_fields(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    other = {
+        **METADATA,
+        "segmenter": "jieba: default dictionary, HMM=True",
+        "decoding": {**METADATA["decoding"], "beam_size": 1},
+    }
+    write_scores(a, "test", 10, 1.0)
+    write_scores(a, "test", 20, 2.0)
+    write_scores(b, "test", 10, 1.5, metadata=other)
+    write_scores(b, "test", 20, 2.5)  # b changed its decoding between checkpoints
+    result = compare.compare([a, b], out=str(tmp_path))
+    assert len(result.warnings) == 2, result.warnings
+    beam, segmenter = result.warnings  # in field-name order
+    assert segmenter.startswith("[test] not comparable: segmenter differs")
+    assert "jieba" in segmenter and "(b@10)" in segmenter and "(a, b@20)" in segmenter
+    assert beam == "[test] not comparable: decoding.beam_size differs: 5 (a, b@20); 1 (b@10)"
+    # Aggregation, features and the per-checkpoint fields (step, variant) are not reported.
+    assert not any("aggregation" in w or "checkpoint_step" in w for w in result.warnings)
+    assert "WARNING: [test] not comparable: segmenter differs" in result.text
+    with open(result.files["markdown"]) as f:
+        assert "decoding.beam_size differs" in f.read()
+
+
+def test_a_missing_field_and_different_features_are_reported(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_scores(a, "test", 1, 1.0)
+    no_features = {k: v for k, v in METADATA.items() if k != "features"}
+    write_scores(b, "test", 1, 1.0, metadata={**no_features, "features": {"frames": 5}})
+    warnings = compare.compare([a, b], out=str(tmp_path)).warnings
+    assert warnings == [
+        "[test] not comparable: features.frames differs: 10 (a); 5 (b)",
+        '[test] not comparable: features.vision differs: "resnet101" (a); <absent> (b)',
+    ]
+
+
+def test_splits_are_tabulated_apart_and_a_missing_split_is_reported(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_scores(a, "val", 10, 1.0)
+    write_scores(a, "test", 10, 2.0)
+    write_scores(b, "test", 10, 3.0)
+    result = compare.compare([a, b], out=str(tmp_path / "out"))
+    assert result.warnings == [
+        "split differs between runs (a: test, val; b: test); each split is tabulated on its "
+        "own, so the runs missing one are absent from its table"
+    ]
+    _, val_rows = table_rows(result.text, "[val] scores")
+    _, test_rows = table_rows(result.text, "[test] scores")
+    assert set(val_rows) == {("a", 10)} and set(test_rows) == {("a", 10), ("b", 10)}
+    # Alone in its table, a's val row is the best of every column.
+    assert all(cell.endswith("*") for cell in val_rows[("a", 10)])
+    assert set(result.files) == {"markdown", "csv", "plot:test", "plot:val"}
+
+
+def test_unreadable_files_are_skipped_with_a_message(two_runs, tmp_path):
+    t, tvak = two_runs
+    Path(tvak, "scores_test_step30.json").write_text('{"nlg_scores": {"bleu')  # being written
+    Path(tvak, "scores_test_step40.json").write_text("[1, 2]")
+    Path(tvak, "scores_test_step50.json").write_text('{"metadata": {"segmenter": "char"}}')
+    Path(tvak, "scores_test.json").write_text("{}")  # not a per-checkpoint name: ignored
+    result = compare.compare([t, tvak, str(tmp_path / "missing")], out=str(tmp_path / "out"))
+    assert [(e.run, e.step) for e in result.entries if e.run == "tvak"] == [
+        ("tvak", 10),
+        ("tvak", 20),
+    ]
+    assert len(result.skipped) == 4
+    assert "scores_test_step30.json: not valid JSON" in result.skipped[0]
+    assert "scores_test_step40.json: expected a JSON object, got list" in result.skipped[1]
+    assert "scores_test_step50.json: no metric in it" in result.skipped[2]
+    assert result.skipped[3] == f"{tmp_path / 'missing'}: not a directory"
+    assert "skipped " in result.text
+
+
+def test_no_scores_at_all_is_an_error_that_says_what_to_do(tmp_path):
+    with pytest.raises(compare.NoScoresError, match="--mode=eval"):
+        compare.compare([str(tmp_path)])
+
+
+def test_csv_markdown_and_png_are_written(two_runs, tmp_path):
+    out = tmp_path / "out"
+    result = compare.compare(list(two_runs), out=str(out))
+    assert result.files == {
+        "markdown": str(out / "compare.md"),
+        "csv": str(out / "compare.csv"),
+        "plot:test": str(out / "compare_test.png"),
+    }
+    with open(out / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["step"]) for r in rows] == [
+        ("t", "10"),
+        ("t", "20"),
+        ("t", "30"),
+        ("tvak", "10"),
+        ("tvak", "20"),
+    ]
+    assert float(rows[4]["cider"]) == 8.0 and rows[0]["per_kind/audio/bleu4"] == ""
+    assert float(rows[2]["per_kind/vision/bleu4"]) == 1.25
+    markdown = (out / "compare.md").read_text()
+    assert "| tvak | 20 | **4.00** | **5.00** |" in markdown
+    assert "| t | 30 | 2.50 | 3.50 |" in markdown
+
+    png = out / "compare_test.png"
+    assert png.stat().st_size > 10_000
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 800
+    # Both runs' lines are drawn: the first two default colours (C0 blue, C1 orange) appear.
+    for color in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
+        assert (np.abs(pixels.astype(int) - color).sum(-1) < 30).sum() > 50
+
+
+def test_out_defaults_to_the_first_workdir(two_runs):
+    result = compare.compare(list(two_runs))
+    assert os.path.dirname(result.files["csv"]) == two_runs[0]
+    assert os.path.exists(os.path.join(two_runs[0], "compare_test.png"))
+
+
+def test_labels_are_names_then_variants_then_paths(tmp_path):
+    for parent, variant in (("x", "t"), ("y", "tvak"), ("z", "tvak")):
+        os.makedirs(tmp_path / parent / "run")
+        (tmp_path / parent / "run" / "config.json").write_text(
+            json.dumps({"model": {"name": "maria", "variant": variant}})
+        )
+    x, y, z = (str(tmp_path / p / "run") for p in "xyz")
+    assert compare.config_variant(x) == "t"
+    labels = compare.run_labels([x, y, z], {w: compare.config_variant(w) for w in (x, y, z)})
+    assert labels == {x: "run[t]", y: "y/run", z: "z/run"}
+    assert compare.run_labels([x, str(tmp_path / "other")]) == {
+        x: "run",
+        str(tmp_path / "other"): "other",
+    }
+
+
+def _main(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "tiktalk_jax.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_compare_mode(two_runs, tmp_path):
+    t, tvak = two_runs
+    out = tmp_path / "cli_out"
+    proc = _main(
+        "--mode=compare", f"--workdir={t}", f"--workdir={tvak}", f"--out={out}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, rows = table_rows(proc.stdout, "[test] scores")
+    assert rows[("tvak", 20)][0] == "4.00*"
+    assert sorted(os.listdir(out)) == ["compare.csv", "compare.md", "compare_test.png"]
+
+    proc = _main("--mode=compare", f"--workdir={tmp_path / 'empty'}", cwd=tmp_path)
+    assert proc.returncode == 1 and "no readable scores_<split>_step<N>.json" in proc.stderr
+    # Other modes take one workdir and say so before doing anything.
+    proc = _main("--mode=demo", "--workdir=a", "--workdir=b", cwd=tmp_path)
+    assert proc.returncode != 0 and "--mode=demo takes one --workdir, got 2" in proc.stderr
+    assert not (tmp_path / "a").exists()
