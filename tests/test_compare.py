@@ -75,7 +75,8 @@ def table_rows(text, title_prefix):
 
 
 def test_collect_reads_every_scores_file_and_flattens_metrics(two_runs):
-    entries, skipped = compare.collect(list(two_runs))
+    t, tvak = two_runs
+    entries, skipped = compare.collect([t, tvak, t + "/"])  # the same run twice counts once
     assert skipped == []
     assert [(e.run, e.split, e.step) for e in entries] == [
         ("t", "test", 10),

@@ -261,7 +261,11 @@ def run_labels(
 
 def collect(workdirs: Sequence[str]) -> tuple[list[Entry], list[str]]:
     """Every readable scores file of `workdirs` as entries, and a message per skipped file."""
-    workdirs = list(dict.fromkeys(workdirs))  # the same workdir twice is one run
+    # The same directory given twice (`runs/t`, `runs/t/`) is one run.
+    unique: dict[str, str] = {}
+    for w in workdirs:
+        unique.setdefault(os.path.realpath(w), w)
+    workdirs = list(unique.values())
     variants: dict[str, str | None] = {w: config_variant(w) for w in workdirs}
     raw: list[tuple[str, str, int, dict, dict, str]] = []
     skipped: list[str] = []
@@ -286,16 +290,16 @@ def collect(workdirs: Sequence[str]) -> tuple[list[Entry], list[str]]:
 # -- Comparability ------------------------------------------------------------------------------
 
 
+_ABSENT = object()  # a metadata field one file lacks (an older eval, another model family)
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = "<absent>" if value is _ABSENT else json.dumps(value, sort_keys=True, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_ABSENT = object()
-
-
 def _who(entries: Sequence[Entry], all_entries: Sequence[Entry]) -> str:
-    """ "run" when every checkpoint of the run is listed, else "run@step,step"."""
+    """Names the checkpoints in `entries`: `run` for all of a run's, else `run@step,step`."""
     by_run: dict[str, list[int]] = collections.defaultdict(list)
     for e in entries:
         by_run[e.run].append(e.step)
