@@ -15,39 +15,60 @@ from tiktalk_jax import compare
 
 REPO = Path(__file__).resolve().parents[1]
 NLG = ("bleu2", "bleu4", "meteor", "rouge_l", "cider", "dist2", "dist3")
+# The fields evaluate.py's metadata block has (values shortened).
 METADATA = {
+    "tokenize": "char",
     "segmenter": "char: every non-whitespace character is a token",
     "segmenter_version": None,
+    "pycocoevalcap_version": "1.2",
+    "meteor": "pycocoevalcap meteor-1.5.jar - - -stdio -l en -norm, JVM locale en_US UTF-8",
+    "java_version": "17.0.2",
     "aggregation": "per-reference average over K",
+    "skip_meteor": False,
+    "model": "maria",
+    "init_from": None,
     "decoding": {"method": "beam", "beam_size": 5, "max_len": 20},
-    "features": {"frames": 10, "vision": "resnet101"},
+    "retrieval": {"num_positives": 5, "num_negatives": 95, "seed": 0},
+    "tokenizer": "WordPiece vocab trained on the train split",
+    "vocab_size": 500,
+    "text_lengths": {"max_response_len": 24, "max_context_len": 64},
+    "kinds_file": "/data/raw/sample_kinds.json",
+    "data_dir": "/data",
+    "created": "2026-11-25T09:00:00",
+}
+TVAK_TABLES = {
+    "vision": {"encoder": "resnet101", "frames": 10, "random_init": False},
+    "audio": {"encoder": "vggish", "random_init": False},
+    "knowledge": {"kg_sha256": "abc", "dir": "/data/knowledge"},
 }
 
 
-def write_scores(workdir, split, step, base, *, metadata=None, meteor=True, variant="t"):
-    """A scores file as evaluate.py writes it; every metric is `base` plus a per-metric offset."""
+def write_scores(
+    workdir, split, step, base, *, metadata=None, meteor=True, variant="t", side_tables=None
+):
+    """A scores file shaped as evaluate.py writes it; every metric is `base` plus an offset."""
     os.makedirs(workdir, exist_ok=True)
     nlg = {key: base + i for i, key in enumerate(NLG)}
     if not meteor:
         nlg["meteor"] = None
+    retrieval = {"recall@1": base, "recall@5": 2 * base, "recall@10": 3 * base}
     record = {
         "split": split,
         "step": step,
+        "num_examples": 12,
         "nlg_scores": nlg,
-        "retrieval": {
-            "recall@1": base,
-            "recall@5": 2 * base,
-            "recall@10": 3 * base,
-            "mean_rank": 50.0 - base,
-        },
+        "retrieval": {**retrieval, "mean_rank": 50.0 - base},
         "per_kind": {
-            "vision": {"bleu4": base / 2, "num_examples": 3},
-            "audio": {"bleu4": float("nan"), "num_examples": 0},
+            "vision": {"num_examples": 3, "bleu4": base / 2, "recall@1": base / 4},
+            "audio": {"num_examples": 1, "bleu4": float("nan")},
         },
         "metadata": {
             **(METADATA if metadata is None else metadata),
+            "split": split,
             "checkpoint_step": step,
             "variant": variant,
+            "side_tables": side_tables or {},
+            "workdir": os.path.abspath(workdir),
         },
     }
     path = os.path.join(workdir, f"scores_{split}_step{step}.json")
@@ -107,7 +128,10 @@ def test_table_marks_the_best_value_of_each_column(two_runs, tmp_path):
     assert not any(cell.endswith("*") for cell in others)
     # The per-kind scores get their own table.
     _, kind_rows = table_rows(result.text, "[test] per_kind/vision")
-    assert kind_rows[("tvak", 20)] == ["2.00*"] and kind_rows[("t", 30)] == ["1.25"]
+    assert kind_rows[("tvak", 20)] == ["2.00*", "1.00*"] and kind_rows[("t", 30)] == [
+        "1.25",
+        "0.62",
+    ]
     assert result.warnings == []
 
 
@@ -150,15 +174,37 @@ def test_warns_when_metadata_differs_and_names_the_fields(tmp_path):
         assert "decoding.beam_size differs" in f.read()
 
 
-def test_a_missing_field_and_different_features_are_reported(tmp_path):
+def test_side_tables_are_compared_only_where_joined(tmp_path):
+    t, tvak, vit = (str(tmp_path / name) for name in ("t", "tvak", "tvak_vit"))
+    write_scores(t, "test", 1, 1.0)
+    write_scores(tvak, "test", 1, 2.0, variant="tvak", side_tables=TVAK_TABLES)
+    # The T-vs-TVAK ablation: which side tables a run joins is what is compared, not a warning.
+    result = compare.compare([t, tvak], out=str(tmp_path / "out"))
+    assert result.warnings == []
+    assert f"  t: {t} (1 scores files; model maria, variant t; side tables: none)" in result.text
+    assert "variant tvak; side tables: audio, knowledge, vision)" in result.text
+    # Two runs joining the vision table with different encoders are not comparable.
+    vit_tables = {**TVAK_TABLES, "vision": {**TVAK_TABLES["vision"], "encoder": "vit_g"}}
+    vit_tables["knowledge"] = {**TVAK_TABLES["knowledge"], "dir": "/elsewhere"}  # a path: ignored
+    write_scores(vit, "test", 1, 3.0, variant="tvak", side_tables=vit_tables)
+    assert compare.compare([t, tvak, vit], out=str(tmp_path / "out")).warnings == [
+        '[test] not comparable: side_tables.vision.encoder differs: "resnet101" (tvak); '
+        '"vit_g" (tvak_vit)'
+    ]
+
+
+def test_a_missing_field_and_a_different_test_set_are_reported(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_scores(a, "test", 1, 1.0)
-    no_features = {k: v for k, v in METADATA.items() if k != "features"}
-    write_scores(b, "test", 1, 1.0, metadata={**no_features, "features": {"frames": 5}})
+    other = {k: v for k, v in METADATA.items() if k != "java_version"}
+    path = write_scores(b, "test", 1, 1.0, metadata={**other, "model": "gpt2", "vocab_size": 9})
+    record = json.loads(Path(path).read_text())
+    Path(path).write_text(json.dumps({**record, "num_examples": 11}))
     warnings = compare.compare([a, b], out=str(tmp_path)).warnings
+    # The model's own fields (model, vocab) differ by design and are not reported.
     assert warnings == [
-        "[test] not comparable: features.frames differs: 10 (a); 5 (b)",
-        '[test] not comparable: features.vision differs: "resnet101" (a); <absent> (b)',
+        '[test] not comparable: java_version differs: "17.0.2" (a); <absent> (b)',
+        "[test] not comparable: num_examples differs: 12 (a); 11 (b)",
     ]
 
 

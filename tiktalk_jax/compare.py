@@ -56,33 +56,29 @@ HEADLINE_KEYS = METRIC_KEYS + tuple(f"recall@{k}" for k in RECALL_KS) + ("mean_r
 _FLAT_GROUPS = frozenset({"nlg_scores", "nlg", "scores", "retrieval", "metrics"})
 # Numeric leaves that describe the evaluation rather than score it.
 _NOT_METRICS = frozenset({"step", "checkpoint_step", "num_examples", "examples", "count", "n"})
-# Metadata fields that identify the checkpoint rather than how its numbers were computed; they
-# differ between runs by design. Matched against the last component of a dotted field name.
-_IDENTITY_FIELDS = frozenset(
+# Metadata fields (dotted names) that say which model and checkpoint a number belongs to, or where
+# its files were: they differ between the runs being compared by design, so they are not checked.
+_RUN_FIELDS = frozenset(
     {
-        "step",
         "checkpoint_step",
-        "checkpoint",
-        "checkpoint_dir",
-        "checkpoint_path",
+        "step",
+        "split",  # the tables are per split anyway
+        "model",
         "variant",
+        "init_from",
+        "tokenizer",  # the model's own vocabulary; scoring uses the segmenter
+        "vocab_size",
         "workdir",
-        "run",
-        "config",
-        "config_path",
-        "generations",
-        "generations_path",
-        "path",
+        "data_dir",
+        "kinds_file",
         "created",
-        "date",
-        "time",
-        "timestamp",
-        "wall_s",
-        "seconds",
-        "elapsed_s",
-        "hostname",
     }
 )
+_RUN_LEAVES = frozenset({"dir", "path", "created"})  # locations and times at any depth
+# Groups a variant may lack (the T variant joins no side table): their fields are compared only
+# among the checkpoints that have them. Which side tables a run joins is the ablation itself; the
+# run list shows it.
+_OPTIONAL_GROUPS = ("side_tables", "text_lengths")
 _LOWER_IS_BETTER = re.compile(r"(rank|loss|perplexity|ppl)$")
 
 
@@ -207,7 +203,7 @@ def read_scores(path: str) -> tuple[dict[str, float | None], dict[str, Any]]:
     if not isinstance(metadata, Mapping):
         metadata = {"metadata": metadata}
     # Fields written next to the metadata block that decide comparability all the same.
-    for key in ("split", "tokenize", "decoding"):
+    for key in ("split", "num_examples", "tokenize", "decoding"):
         if key in record and key not in metadata:
             metadata = {**metadata, key: record[key]}
     return scores, flatten_metadata(metadata)
@@ -328,15 +324,32 @@ def comparability_warnings(entries: Sequence[Entry]) -> list[str]:
         section = [e for e in entries if e.split == split]
         fields = sorted({k for e in section for k in e.metadata})
         for field in fields:
-            if field.rsplit(".", 1)[-1] in _IDENTITY_FIELDS:
+            if field in _RUN_FIELDS or field.rsplit(".", 1)[-1] in _RUN_LEAVES:
                 continue
+            optional = field.split(".", 1)[0] in _OPTIONAL_GROUPS
             groups: dict[str, list[Entry]] = {}
             for e in section:
-                groups.setdefault(_short(e.metadata.get(field, _ABSENT)), []).append(e)
+                value = e.metadata.get(field, _ABSENT)
+                if optional and (value is _ABSENT or value == {}):
+                    continue
+                groups.setdefault(_short(value), []).append(e)
             if len(groups) > 1:
                 values = "; ".join(f"{v} ({_who(g, section)})" for v, g in groups.items())
                 warnings.append(f"[{split}] not comparable: {field} differs: {values}")
     return warnings
+
+
+def describe_run(entries: Sequence[Entry]) -> str:
+    """`workdir (N scores files; model, variant; side tables: ...)` from a run's latest file."""
+    md = max(entries, key=lambda e: e.step).metadata
+    model = ", ".join(
+        f"{k} {md[k]}" for k in ("model", "variant") if isinstance(md.get(k), (str, int))
+    )
+    tables = sorted({f.split(".")[1] for f in md if f.startswith("side_tables.")})
+    parts = [f"{len(entries)} scores files", model]
+    if "side_tables" in md or tables:
+        parts.append(f"side tables: {', '.join(tables) or 'none'}")
+    return f"{os.path.abspath(entries[0].workdir)} ({'; '.join(p for p in parts if p)})"
 
 
 # -- Tables -------------------------------------------------------------------------------------
@@ -533,13 +546,10 @@ def compare(workdirs: Sequence[str], out: str | None = None) -> Comparison:
         plot([e for e in entries if e.split == split], path, title=f"{split} split")
     write_csv(entries, files["csv"])
 
-    runs = {}
+    runs: dict[str, list[Entry]] = {}
     for e in entries:
-        runs.setdefault(e.run, e.workdir)
-    counts = collections.Counter(e.run for e in entries)
-    run_lines = [
-        f"  {run}: {os.path.abspath(w)} ({counts[run]} scores files)" for run, w in runs.items()
-    ]
+        runs.setdefault(e.run, []).append(e)
+    run_lines = [f"  {run}: {describe_run(run_entries)}" for run, run_entries in runs.items()]
     notes = [f"WARNING: {w}" for w in warnings] + [f"skipped {m}" for m in skipped]
 
     md = [f"# Comparison of {len(runs)} run(s)", "", *(f"- {line.strip()}" for line in run_lines)]
