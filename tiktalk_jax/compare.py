@@ -21,15 +21,21 @@ better when lower, everything else when higher. A metric recorded as null (METEO
 as `-` and never wins.
 
 Comparability. Two numbers are only comparable when they were computed the same way, and the
-scores files record how (segmenter and its version, aggregation, scorer versions, decoding
-settings, frames and features used). Within a split every metadata field is compared across all
-listed checkpoints, except the fields that name the checkpoint itself (step, variant, paths, times);
-each differing field is reported with its values and which runs have them. Splits are tabulated
-separately and never mixed; a run that lacks a split the others have is reported too. The tables
-are still printed: the warning says what to keep in mind when reading them.
+scores files record how (segmenter and its version, aggregation, scorer versions, METEOR or its
+absence, decoding settings, retrieval protocol, text lengths, the side tables' encoders and
+hashes, the number of examples). Within a split every metadata field is compared across all
+listed checkpoints and each differing field is reported with its values and which runs (or
+`run@steps`) have them. Not compared: the fields that say which model and checkpoint a number
+belongs to (step, model, variant, the model's tokenizer, init) and locations and times. Side
+tables are compared only among the runs that join them: that T joins none and T+V+A+K joins
+three is the ablation itself (the run list shows it), while two runs joining vision features of
+different encoders are flagged. Splits are tabulated separately and never mixed; a run lacking a
+split the others have is reported. The tables are printed all the same: the warnings say what
+to keep in mind when reading them.
 
-The reader is tolerant: an unreadable or malformed scores file is skipped with a warning, so a
-half-written file of a running eval does not break the comparison of everything else.
+The reader is tolerant: an unreadable or malformed scores file (a hand-edited one, one of an
+incompatible older format) is skipped with a message in the report instead of stopping the
+comparison of everything else.
 """
 
 from __future__ import annotations
