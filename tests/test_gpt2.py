@@ -280,26 +280,40 @@ def test_candidate_scores_are_the_stepwise_log_likelihood(tok, tied_model):
     np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_family_builds_from_a_checkpoint_and_from_scratch(tok, checkpoints, vocab_dir):
+def test_family_builds_from_a_checkpoint_and_from_scratch(tok, checkpoints, vocab_dir, tmp_path):
     family = registry.get("gpt2")
     assert family.formatter == "gpt2" and family.side_tables is None
     config = common.base_config()
     config.input.update(max_context_len=LC, max_response_len=LR, num_candidates=2)
     config.input.tokenizer = str(vocab_dir / "vocab.txt")
     config.model = gpt2.model_config(init_from=checkpoints["tied"][0])
-    config.model.decode.update(num_beams=2, max_new_tokens=4)
+    config.decode = gpt2.decode_config(num_beams=2, max_new_tokens=4)
     model = family.build(config, nnx.Rngs(0))
     assert family.frozen_source(config) == checkpoints["tied"][0]
     batch = formatted(tok, make_records(2, seed=7, candidates=2), train=False, num_candidates=2)
     tokens = jit_with(model, family.generate, config=config)(batch)
     assert tokens.shape == (2, 4) and tokens.dtype == jnp.int32
-    assert jit_with(model, family.score, config=config)(batch).shape == (2, 2)
+    # Candidates as the evaluator encodes them (`[CLS] r [SEP]`) score as `[SEP] r [SEP]`.
+    scores = jit_with(model, family.score, config=config)
+    cls_batch = dict(batch, candidate_ids=batch["candidate_ids"].copy())
+    cls_batch["candidate_ids"][..., 0] = gpt2_inputs.special_token_ids(tok)["cls_id"]
+    np.testing.assert_allclose(scores(cls_batch), scores(batch), rtol=1e-6)
+    assert scores(batch).shape == (2, 2)
 
     scratch = common.base_config()
-    scratch.input.vocab_size = 120  # the trained vocabulary's bound: no tokenizer is given
+    # No tokenizer and no trained vocab.txt yet: the trained vocabulary's bound and ids.
+    scratch.input.vocab_dir = str(tmp_path)
+    scratch.input.vocab_size = 120
     scratch.model = gpt2.model_config(n_embd=16, n_layer=1, n_head=2, n_positions=32)
     model = family.build(scratch, nnx.Rngs(0))
     assert model.config.vocab_size == 120 and len(model.h) == 1
     scratch.model.vocab_size = 10
     with pytest.raises(ValueError, match="tokenizer has 120 tokens"):
         family.build(scratch, nnx.Rngs(0))
+    # Once the pipeline has trained the vocab, its real size and ids are used.
+    scratch.input.vocab_dir = str(vocab_dir)
+    spec = gpt2_inputs.vocab_spec(scratch)
+    assert spec.vocab_size == vocab_size(tok) and spec._asdict() == {
+        "vocab_size": vocab_size(tok),
+        **gpt2_inputs.special_token_ids(tok),
+    }

@@ -286,7 +286,8 @@ def test_family_joins_the_frames_table_and_decodes(tok, tmp_path):
     config.model = livebot.model_config(
         d_model=16, num_heads=2, d_ff=32, num_layers=1, frame_dim=FRAME_DIM, frames_dir=frames_dir
     )
-    config.model.decode.max_new_tokens = 5
+    config.input.vocab_dir = str(tmp_path)  # no trained vocab.txt: the bound and the ids
+    config.decode = livebot.decode_config(max_new_tokens=5)
     tables = family.side_tables(config)
     assert set(tables) == {"train", "val"} and tables["val"][0].name == "frames"
     model = family.build(config, nnx.Rngs(0))

@@ -520,10 +520,9 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The `config.model` section of the family (GPT-2 small shape by default).
 
     Fields: name; init_from (a local HF GPT2LMHeadModel directory; its shape wins over the
-    fields below); dtype / param_dtype; vocab_size (None: the tokenizer's, see
-    `gpt2_inputs.vocab_spec`); the GPT2Config fields; pad_id / cls_id / sep_id (None: the
-    tokenizer's); decode: num_beams (1 = greedy), max_new_tokens, length_penalty,
-    repetition_penalty.
+    fields below; needs `config.input.tokenizer` = its vocabulary); dtype / param_dtype;
+    the GPT2Config fields, vocab_size None = the tokenizer's (`gpt2_inputs.vocab_spec`);
+    pad_id / cls_id / sep_id: None = the tokenizer's.
     """
     placeholder = ml_collections.config_dict.placeholder
     base = GPT2Config()
@@ -538,8 +537,27 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             pad_id=placeholder(int),
             cls_id=placeholder(int),
             sep_id=placeholder(int),
-            decode=dict(num_beams=5, max_new_tokens=20, length_penalty=1.0, repetition_penalty=1.0),
             **fields,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def decode_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The family's default `config.decode` section (used when a config has none).
+
+    The paper does not give DialoGPT's decoding; Chinese GPT-2 chit-chat code samples (top-k),
+    which `decoding` does not offer yet: beam 5 without penalties, at most 20 tokens.
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            num_beams=5,
+            max_new_tokens=20,
+            length_penalty=1.0,
+            repetition_penalty=1.0,
+            greedy=False,
+            cached=True,
         )
     )
     config.update(overrides)
@@ -571,11 +589,13 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> GPT2:
     return model
 
 
-def family_search_config(config: ml_collections.ConfigDict) -> decoding.SearchConfig:
-    """The search of `config.model.decode` with the tokenizer's ids."""
+def decode_settings(config: ml_collections.ConfigDict) -> tuple[decoding.SearchConfig, dict]:
+    """(search config, `generate` options) from `config.decode` (default: `decode_config()`)
+    with the tokenizer's ids."""
     spec = gpt2_inputs.vocab_spec(config)
-    d = config.model.decode
-    return search_config(
+    d = decode_config()
+    d.update(dict(config.get("decode") or {}))
+    search = search_config(
         spec.sep_id,
         spec.pad_id,
         num_beams=int(d.num_beams),
@@ -583,19 +603,25 @@ def family_search_config(config: ml_collections.ConfigDict) -> decoding.SearchCo
         length_penalty=float(d.length_penalty),
         repetition_penalty=float(d.repetition_penalty),
     )
+    return search, dict(cached=bool(d.cached), greedy=bool(d.greedy))
 
 
 def family_generate(model: GPT2, batch: Batch, config: ml_collections.ConfigDict) -> Array:
     """Registry `generate`: `int32[B, max_new_tokens]` response tokens (then [SEP], padding).
     Traceable: jit it with `config` closed over."""
-    cfg = family_search_config(config)
-    return generate(model, batch, cfg, greedy=cfg.num_beams == 1).tokens
+    search, options = decode_settings(config)
+    return generate(model, batch, search, **options).tokens
 
 
 def family_score(model: GPT2, batch: Batch, config: ml_collections.ConfigDict) -> Array:
-    """Registry `score`: the log-likelihood of `batch["candidate_ids"]` (`float32[B, C]`)."""
-    del config
-    return score_candidates(model, batch, batch["candidate_ids"], batch["candidate_mask"])
+    """Registry `score`: the log-likelihood of `batch["candidate_ids"]` (`float32[B, C]`).
+
+    The candidates' first slot is the start token whatever it holds: the evaluator encodes
+    every family's candidates as `[CLS] r [SEP]`, and GPT-2's start token is the [SEP] that
+    closes the context, so the slot is set to [SEP] here."""
+    ids = jnp.asarray(batch["candidate_ids"])
+    ids = ids.at[..., 0].set(gpt2_inputs.vocab_spec(config).sep_id)
+    return score_candidates(model, batch, ids, batch["candidate_mask"])
 
 
 registry.register(

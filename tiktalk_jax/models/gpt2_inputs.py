@@ -25,6 +25,7 @@ num_references, num_candidates.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -65,13 +66,30 @@ def _pretrained_spec(path: str) -> VocabSpec:
     return VocabSpec(size, **special_token_ids(tok))
 
 
+def _trained_vocab_file(input_config: ml_collections.ConfigDict) -> str | None:
+    """The `vocab.txt` the pipeline trained (and reuses) for this data, if it exists yet."""
+    vocab_dir = input_config.get("vocab_dir")
+    if not vocab_dir:
+        try:
+            vocab_dir = ip.dataset_dir(input_config.get("data_dir"), input_config.dataset)
+        except FileNotFoundError:
+            return None
+    path = os.path.join(vocab_dir, tokenizer_lib.VOCAB_FILENAME)
+    return path if os.path.isfile(path) else None
+
+
 def vocab_spec(config: ml_collections.ConfigDict) -> VocabSpec:
-    """The tokenizer of `config`: `config.input.tokenizer`'s size and ids (read once), or those
-    of the WordPiece vocab the pipeline trains when no tokenizer is given (special tokens first,
-    at most `config.input.vocab_size` tokens; see tiktalk_jax/tokenizer.py). Ids set in
-    `config.model.{pad_id, cls_id, sep_id}` win."""
+    """The vocabulary the pipeline tokenizes `config`'s data with, as `make_datasets` resolves
+    it: `config.input.tokenizer`, else the `vocab.txt` trained for the data (in
+    `config.input.vocab_dir` or the dataset's directory), else (not trained yet) the trained
+    vocabulary's conventions: special tokens first (tiktalk_jax/tokenizer.py), at most
+    `config.input.vocab_size` tokens. Ids set in `config.model.{pad_id, cls_id, sep_id}` win.
+    """
     if config.input.get("tokenizer"):
         spec = _pretrained_spec(str(config.input.tokenizer))
+    elif (path := _trained_vocab_file(config.input)) is not None:
+        vocab = tokenizer_lib.read_vocab(path)
+        spec = VocabSpec(len(vocab), vocab["[PAD]"], vocab["[CLS]"], vocab["[SEP]"])
     else:
         special = tokenizer_lib.SPECIAL_TOKENS
         spec = VocabSpec(

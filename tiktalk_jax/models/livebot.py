@@ -477,8 +477,8 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     Fields: name; dtype / param_dtype; the LivebotConfig fields (vocab_size and the token ids
     None: the tokenizer's, see `gpt2_inputs.vocab_spec`); frames_dir: a features dataset of a
     frame encoder (`python -m tiktalk_jax.extract`, e.g. ResNet-18: frame_dim 512), joined as
-    the "frames" side table; decode: num_beams (1 = greedy), max_new_tokens.
-    Copy the lengths into `config.input` with `livebot_inputs.input_overrides`.
+    the "frames" side table. Copy the lengths into `config.input` with
+    `livebot_inputs.input_overrides`.
     """
     placeholder = ml_collections.config_dict.placeholder
     base = LivebotConfig()
@@ -496,7 +496,6 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             frames_dir=placeholder(str),
-            decode=dict(num_beams=1, max_new_tokens=20),
             **fields,
         )
     )
@@ -556,13 +555,43 @@ def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     return {s: [t.side_table(livebot_inputs.FRAMES)] for s, t in tables.items()}
 
 
+def decode_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The family's default `config.decode` section (used when a config has none): the
+    original's greedy decoding of 20 tokens without penalties."""
+    config = ml_collections.ConfigDict(
+        dict(
+            num_beams=1,
+            max_new_tokens=20,
+            length_penalty=1.0,
+            repetition_penalty=1.0,
+            greedy=True,
+            cached=True,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def decode_settings(
+    config: ml_collections.ConfigDict, model_config: LivebotConfig
+) -> tuple[decoding.SearchConfig, dict]:
+    """(search config, `generate` options) from `config.decode` (default: `decode_config()`)."""
+    d = decode_config()
+    d.update(dict(config.get("decode") or {}))
+    search = search_config(
+        model_config,
+        num_beams=int(d.num_beams),
+        max_new_tokens=int(d.max_new_tokens),
+        length_penalty=float(d.length_penalty),
+        repetition_penalty=float(d.repetition_penalty),
+    )
+    return search, dict(cached=bool(d.cached), greedy=bool(d.greedy))
+
+
 def family_generate(model: Livebot, batch: Batch, config: ml_collections.ConfigDict) -> Array:
     """Registry `generate`: `int32[B, max_new_tokens]` (words, [SEP], padding). Traceable."""
-    d = config.model.decode
-    cfg = search_config(
-        model.config, num_beams=int(d.num_beams), max_new_tokens=int(d.max_new_tokens)
-    )
-    return generate(model, batch, cfg, greedy=cfg.num_beams == 1).tokens
+    search, options = decode_settings(config, model.config)
+    return generate(model, batch, search, **options).tokens
 
 
 def family_score(model: Livebot, batch: Batch, config: ml_collections.ConfigDict) -> Array:
