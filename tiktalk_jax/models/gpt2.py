@@ -402,10 +402,10 @@ def prefill(model: GPT2, batch: Batch, extra_slots: int) -> DecodeState:
         raise ValueError(
             f"{s} context + decoding slots exceed {model.config.n_positions} positions"
         )
-    caches = model.init_caches(b, s, model.wte.embedding.value.dtype)
+    x = model.embed(ctx, positions_from_mask(valid))
+    caches = model.init_caches(b, s, x.dtype)  # the compute dtype
     key_valid = jnp.concatenate([valid, jnp.ones((b, extra_slots), bool)], axis=1)
     mask = layers.combine_masks(layers.causal_mask(lc, s), key_valid[:, None, None, :])
-    x = model.embed(ctx, positions_from_mask(valid))
     _, caches = model.decode(x, mask, caches=caches, cache_index=0)
     return DecodeState(caches, valid)
 
