@@ -24,7 +24,12 @@ transformers 2.x `generate`), vectorised over the batch:
     best live candidate could: `best_sum / max_new_tokens ** length_penalty`. The loop stops when
     every example is done or after `max_new_tokens` steps;
   * greedy: argmax of the penalised logits; a finished row appends `pad_id`; the score is the sum
-    of the chosen tokens' log-probabilities (end token included).
+    of the chosen tokens' log-probabilities (end token included);
+  * sampling (`sample_search`, as HF's `do_sample=True` warpers): the penalised logits are divided
+    by `temperature`, cut to the `top_k` largest (0: no cut), then to the smallest set whose
+    probability reaches `top_p` (1.0: no cut), and a token is drawn from what is left; finished
+    rows append `pad_id` as in greedy; the score sums the log-probabilities of the drawn tokens
+    under the cut distribution.
 
 Deliberate deviation: at the last step the original closes hypotheses WITHOUT the word just chosen
 (yet counts its log-probability) and greedy overwrites the last word with the end token; here the
@@ -65,10 +70,16 @@ class SearchConfig:
     eos_ids: tuple[int, ...] = (102, 0)
     pad_id: int = 0
     candidates_per_beam: int = 2
+    # Sampling only (`sample_search`).
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.candidates_per_beam < 1:
             raise ValueError(f"invalid search config {self}")
+        if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings in {self}")
 
 
 class SearchOutput(NamedTuple):
@@ -120,10 +131,33 @@ def _finish(words: Array, lengths: Array, ended: Array, cfg: SearchConfig) -> Ar
     return jnp.where((pos == lengths[:, None]) & ended[:, None], eos, out).astype(jnp.int32)
 
 
-def greedy_search(
-    step_fn: StepFn, state: State, batch_size: int, cfg: SearchConfig
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Top-k then top-p (nucleus) cut of `logits: float[N, V]`: removed tokens get -inf.
+
+    Top-p keeps the most likely tokens until their probability reaches `top_p` (the first one
+    always). Tokens tied with the last kept one are kept too.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _token_by_token(
+    step_fn: StepFn,
+    state: State,
+    batch_size: int,
+    cfg: SearchConfig,
+    choose: Callable[[Array, Array], tuple[Array, Array]],
 ) -> SearchOutput:
-    """Greedy decoding of `batch_size` rows (see the module docstring)."""
+    """One token per row and step; `choose(logits, cur_len) -> (token, logprob)`."""
     steps = cfg.max_new_tokens
 
     def cond(carry):
@@ -136,8 +170,7 @@ def greedy_search(
         logits = apply_repetition_penalty(
             logits.astype(jnp.float32), tokens, cur_len, cfg.repetition_penalty
         )
-        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], axis=1)[:, 0]
+        next_token, logp = choose(logits, cur_len)
         sum_logprobs = sum_logprobs + jnp.where(unfinished, logp, 0.0)
         add = jnp.where(unfinished, next_token, cfg.pad_id)
         tokens = jax.lax.dynamic_update_slice(tokens, add[:, None], (0, cur_len))
@@ -157,6 +190,38 @@ def greedy_search(
     ended = jnp.any(ends, axis=1)
     lengths = jnp.where(ended, jnp.argmax(ends, axis=1), steps).astype(jnp.int32)
     return SearchOutput(_finish(words, lengths, ended, cfg), lengths, sum_logprobs)
+
+
+def _chosen_logprob(logits: Array, token: Array) -> Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)[:, 0]
+
+
+def greedy_search(
+    step_fn: StepFn, state: State, batch_size: int, cfg: SearchConfig
+) -> SearchOutput:
+    """Greedy decoding of `batch_size` rows (see the module docstring)."""
+
+    def choose(logits, cur_len):
+        del cur_len
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, _chosen_logprob(logits, token)
+
+    return _token_by_token(step_fn, state, batch_size, cfg, choose)
+
+
+def sample_search(
+    step_fn: StepFn, state: State, batch_size: int, cfg: SearchConfig, rng: Array
+) -> SearchOutput:
+    """Temperature / top-k / top-p sampling of `batch_size` rows (see the module docstring);
+    `rng` is a PRNG key, step t draws with `fold_in(rng, t)`."""
+
+    def choose(logits, cur_len):
+        cut = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+        token = jax.random.categorical(jax.random.fold_in(rng, cur_len), cut, axis=-1)
+        token = token.astype(jnp.int32)
+        return token, _chosen_logprob(cut, token)
+
+    return _token_by_token(step_fn, state, batch_size, cfg, choose)
 
 
 class _BeamCarry(NamedTuple):

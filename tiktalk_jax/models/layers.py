@@ -44,11 +44,15 @@ along the batch axis (beam search). For cross-attention, `project_kv` precompute
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -172,6 +176,36 @@ def embedding(
         embedding_init=partitioned(init, axes),
         rngs=rngs,
     )
+
+
+class RMSNorm(nnx.Module):
+    """`x / sqrt(mean(x^2) + eps) * scale` over the last axis, as HF Llama/Qwen/GLM compute it:
+    normalised in float32, cast back to the compute dtype, then scaled (the order matters in bf16).
+
+    `x: float[..., features] -> float[..., features]`; `scale` is named `axes` (`(EMBED,)` for
+    the residual stream, `(KV,)` for per-head q/k norms).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-6,
+        axes: Axes = (EMBED,),
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(
+            partitioned(nnx.initializers.ones_init(), axes)(rngs.params(), (features,), param_dtype)
+        )
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype if self.dtype is None else self.dtype
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return y.astype(dtype) * self.scale.value.astype(dtype)
 
 
 class Mlp(nnx.Module):
@@ -304,8 +338,126 @@ def reorder_cache(caches: Any, indices: Array) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# --------------------------------------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    partial_rotary_factor: float = 1.0,
+    rope_type: str = "default",
+    scaling: Mapping[str, Any] | None = None,
+    max_position_embeddings: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """Inverse frequencies `float32[rotary_dim // 2]` and the cos/sin scale of a HF rope config.
+
+    The arithmetic follows transformers' `modeling_rope_utils` step by step in float32 (the
+    frequencies are parameters of the function being matched, not of the model). `scaling` holds
+    the type's fields (`factor`, `low_freq_factor`, `beta_fast`, ...); "dynamic" and "longrope"
+    depend on the running sequence length and are not ported.
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; choose from {ROPE_TYPES}")
+    p = dict(scaling or {})
+    dim = int(head_dim * partial_rotary_factor)
+    f32 = np.float32
+    pos_freqs = f32(theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim))
+    inv = (f32(1.0) / pos_freqs).astype(f32)
+    attention_scaling = 1.0
+    if rope_type == "linear":
+        inv = inv / f32(p["factor"])
+    elif rope_type == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p.get("original_max_position_embeddings") or max_position_embeddings
+        wavelen = f32(2 * math.pi) / inv
+        scaled = np.where(wavelen > old / low, inv / f32(factor), inv)
+        smooth = (f32(old) / wavelen - f32(low)) / f32(high - low)
+        smoothed = (1 - smooth) * scaled / f32(factor) + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        orig = p.get("original_max_position_embeddings") or max_position_embeddings
+        factor = p.get("factor") or max_position_embeddings / orig
+        attention_scaling = p.get("attention_factor")
+        if attention_scaling is None:
+            mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_scaling = _yarn_mscale(factor, mscale) / _yarn_mscale(
+                    factor, mscale_all_dim
+                )
+            else:
+                attention_scaling = _yarn_mscale(factor)
+        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv = (f32(1.0) / (f32(factor) * pos_freqs)) * (1 - extrapolation) + (
+            f32(1.0) / pos_freqs
+        ) * extrapolation
+    return np.asarray(inv, f32), float(attention_scaling)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding of the first `rotary_dim` features of every head (static).
+
+    `interleaved=False` rotates the pairs (i, i + rotary_dim / 2) (Llama, Qwen: HF
+    `rotate_half`); True rotates adjacent pairs (2i, 2i + 1) (GLM-4). Features past
+    `rotary_dim` pass unchanged (partial rotary). cos/sin are computed in float32 from the
+    positions, scaled by `attention_scaling` (YaRN) and cast to the input dtype, as HF does.
+    """
+
+    inv_freq: tuple[float, ...]
+    attention_scaling: float = 1.0
+    interleaved: bool = False
+
+    @classmethod
+    def create(cls, head_dim: int, *, interleaved: bool = False, **kwargs: Any) -> Rope:
+        """From a HF rope config; `kwargs` as `rope_frequencies`."""
+        inv, scale = rope_frequencies(head_dim, **kwargs)
+        return cls(tuple(float(f) for f in inv), scale, interleaved)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+    def __call__(self, x: Array, positions: Array) -> Array:
+        """`x: float[B, T, heads, head_dim]`, `positions: int[B|1, T]` -> rotated `x`."""
+        rot = self.rotary_dim
+        freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(self.inv_freq, jnp.float32)
+        cos = (jnp.cos(freqs) * self.attention_scaling).astype(x.dtype)[:, :, None, :]
+        sin = (jnp.sin(freqs) * self.attention_scaling).astype(x.dtype)[:, :, None, :]
+        xr, rest = x[..., :rot], x[..., rot:]
+        if self.interleaved:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
+        else:
+            x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+            out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+# --------------------------------------------------------------------------------------------
 # Attention.
 # --------------------------------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 
 
 def dot_product_attention(
@@ -319,9 +471,12 @@ def dot_product_attention(
 ) -> Array:
     """`softmax(q k^T / sqrt(d)) v` with float32 logits/softmax.
 
-    query `[B, Tq, H, d]`, key/value `[B, Tk, H, d]`, mask `bool[B|1, H|1, Tq, Tk]`
-    -> `[B, Tq, H, d]`.
+    query `[B, Tq, H, d]`, key/value `[B, Tk, K, d]`, mask `bool[B|1, H|1, Tq, Tk]`
+    -> `[B, Tq, H, d]`. K = H, or K divides H (grouped-query attention: query head i reads
+    key/value head i // (H / K), as HF's `repeat_kv`; keys are not copied per query head).
     """
+    if key.shape[-2] != query.shape[-2]:
+        return _grouped_attention(query, key, value, mask, dropout, deterministic)
     scale = query.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) * scale
@@ -333,12 +488,51 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
 
 
+def _grouped_attention(query, key, value, mask, dropout, deterministic) -> Array:
+    b, tq, h, d = query.shape
+    kh = key.shape[-2]
+    if h % kh:
+        raise ValueError(f"{h} query heads are not a multiple of {kh} key/value heads")
+    g = h // kh
+    q = query.reshape(b, tq, kh, g, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32).reshape(b, h, tq, -1) * d**-0.5
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    probs = probs.reshape(b, kh, g, tq, -1)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, value).reshape(b, tq, h, d)
+
+
+def _fused_attention(query: Array, key: Array, value: Array, mask: Array | None, impl: str):
+    """`jax.nn.dot_product_attention` (same shapes and numerics contract as above)."""
+    b, tq, h, _ = query.shape
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, mask.shape[1], tq, key.shape[1]))
+    if impl == "auto":
+        # cuDNN flash attention takes 16-bit inputs only; anything else (or a shape cuDNN refuses
+        # at trace time) runs the XLA implementation, whose numerics equal "einsum".
+        if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(
+                    query, key, value, mask=mask, implementation="cudnn"
+                )
+            except (ValueError, NotImplementedError, RuntimeError) as e:
+                logging.info("cuDNN attention not applicable (%s); using XLA", e)
+        impl = "xla"
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention with separate q/k/v projections; self- or cross-attention.
 
     `inputs_q: float[B, Tq, D]`; `inputs_kv: float[B, Tk, Dkv]` (cross-attention; `Dkv` =
     `kv_features`, e.g. 1408-d image tokens into a 768-d Q-Former) or None (self-attention).
     Returns `float[B, Tq, out_features or D]`, or `(output, KVCache)` when a cache is given.
+    Decoder-LLM options (`num_kv_heads`, `rope`, `qk_norm_eps`, `attention_impl`): see the
+    module docstring.
     """
 
     def __init__(
@@ -353,6 +547,10 @@ class MultiHeadAttention(nnx.Module):
         key_bias: bool | None = None,
         out_bias: bool | None = None,
         dropout_rate: float = 0.0,
+        num_kv_heads: int | None = None,
+        rope: Rope | None = None,
+        qk_norm_eps: float | None = None,
+        attention_impl: str = "einsum",
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
         kernel_init: Callable = default_kernel_init,
@@ -362,7 +560,17 @@ class MultiHeadAttention(nnx.Module):
             if features % num_heads:
                 raise ValueError(f"features {features} not divisible by num_heads {num_heads}")
             head_dim = features // num_heads
-        self.num_heads, self.head_dim = num_heads, head_dim
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {attention_impl!r} not in {ATTENTION_IMPLS}")
+        if attention_impl != "einsum" and dropout_rate:
+            raise ValueError("attention dropout needs attention_impl='einsum'")
+        if rope is not None and rope.rotary_dim > head_dim:
+            raise ValueError(f"rotary dim {rope.rotary_dim} exceeds head_dim {head_dim}")
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.rope, self.attention_impl = rope, attention_impl
         kv_features = features if kv_features is None else kv_features
         out_features = features if out_features is None else out_features
         out_bias = use_bias if out_bias is None else out_bias
@@ -370,11 +578,11 @@ class MultiHeadAttention(nnx.Module):
         key_bias = use_bias if key_bias is None else key_bias
         zeros = nnx.initializers.zeros_init()
 
-        def proj(in_features: int, bias: bool) -> nnx.Einsum:
+        def proj(in_features: int, heads: int, bias: bool) -> nnx.Einsum:
             return nnx.Einsum(
                 "...d,dhk->...hk",
-                (in_features, num_heads, head_dim),
-                (num_heads, head_dim) if bias else None,
+                (in_features, heads, head_dim),
+                (heads, head_dim) if bias else None,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 kernel_init=partitioned(kernel_init, (EMBED, HEADS, KV)),
@@ -382,9 +590,9 @@ class MultiHeadAttention(nnx.Module):
                 rngs=rngs,
             )
 
-        self.query = proj(features, use_bias)
-        self.key = proj(kv_features, key_bias)
-        self.value = proj(kv_features, use_bias)
+        self.query = proj(features, num_heads, use_bias)
+        self.key = proj(kv_features, num_kv_heads, key_bias)
+        self.value = proj(kv_features, num_kv_heads, use_bias)
         self.out = nnx.Einsum(
             "...hk,hkd->...d",
             (num_heads, head_dim, out_features),
@@ -395,11 +603,18 @@ class MultiHeadAttention(nnx.Module):
             bias_init=partitioned(zeros, (EMBED,)),
             rngs=rngs,
         )
+        norm = dict(eps=qk_norm_eps, axes=(KV,), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query_norm = RMSNorm(head_dim, **norm) if qk_norm_eps is not None else None
+        self.key_norm = RMSNorm(head_dim, **norm) if qk_norm_eps is not None else None
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def _keys(self, inputs_kv: Array) -> Array:
+        key = self.key(inputs_kv)
+        return key if self.key_norm is None else self.key_norm(key)
 
     def project_kv(self, inputs_kv: Array) -> KVCache:
         """Keys/values of `inputs_kv: float[B, Tk, Dkv]`, reusable as a read-only cross cache."""
-        return KVCache(self.key(inputs_kv), self.value(inputs_kv))
+        return KVCache(self._keys(inputs_kv), self.value(inputs_kv))
 
     def __call__(
         self,
@@ -409,6 +624,7 @@ class MultiHeadAttention(nnx.Module):
         mask: Array | None = None,
         cache: KVCache | None = None,
         cache_index: int | Array | None = None,
+        positions: Array | None = None,
         deterministic: bool | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Args:
@@ -416,24 +632,40 @@ class MultiHeadAttention(nnx.Module):
         cache: with `cache_index`, a self-attention cache to write the new keys/values into;
           without, precomputed read-only keys/values (`project_kv`) and `inputs_kv` is None.
         cache_index: slot of the first of the Tq new tokens (int or traced int32 scalar).
+        positions: `int[B|1, Tq]` rotary positions of the new tokens (self-attention with
+          `rope` only); default `cache_index + arange(Tq)`.
         deterministic: overrides the module's dropout mode (`model.train()` / `.eval()`).
         """
         query = self.query(inputs_q)
+        if self.query_norm is not None:
+            query = self.query_norm(query)
         if cache is not None and cache_index is None:
             if inputs_kv is not None:
                 raise ValueError("pass either inputs_kv or a precomputed cache, not both")
+            if self.rope is not None:
+                raise ValueError("rotary embeddings need self-attention keys")
             key, value = cache.key, cache.value
         else:
+            if self.rope is not None and inputs_kv is not None:
+                raise ValueError("rotary embeddings need self-attention keys")
             kv_in = inputs_q if inputs_kv is None else inputs_kv
-            key, value = self.key(kv_in), self.value(kv_in)
+            key, value = self._keys(kv_in), self.value(kv_in)
+            if self.rope is not None:
+                if positions is None:
+                    start = 0 if cache_index is None else cache_index
+                    positions = start + jnp.arange(inputs_q.shape[-2])[None, :]
+                query, key = self.rope(query, positions), self.rope(key, positions)
             if cache is not None:
                 cache = cache.update(key, value, cache_index)
                 key, value = cache.key.astype(query.dtype), cache.value.astype(query.dtype)
                 written = jnp.arange(cache.length) < cache_index + inputs_q.shape[-2]
                 mask = combine_masks(mask, written[None, None, None, :])
-        out = dot_product_attention(
-            query, key, value, mask, dropout=self.dropout, deterministic=deterministic
-        )
+        if self.attention_impl == "einsum":
+            out = dot_product_attention(
+                query, key, value, mask, dropout=self.dropout, deterministic=deterministic
+            )
+        else:
+            out = _fused_attention(query, key, value, mask, self.attention_impl)
         out = self.out(out)
         return out if cache is None else (out, cache)
 
