@@ -197,6 +197,12 @@ def test_cached_greedy_equals_hf_generate(checkpoints, name):
     assert ended[0].any()
     lengths = np.where(ended.any(1), ended.argmax(1), steps)  # words before the end token
     np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
+    # The same prompts right-padded continue identically (same shapes: no new compile).
+    right_ids = np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, mask)])
+    right_mask = np.stack([np.roll(m, -int((m == 0).sum())) for m in mask])
+    assert right_mask[0, -1] == 0
+    right = _generate(model, right_ids, right_mask, cfg)
+    np.testing.assert_array_equal(np.asarray(right.tokens), tokens)
 
 
 def _uncached_step(model, state, tokens, cur_len):
@@ -227,6 +233,11 @@ def test_beam_and_sampling(checkpoints):
     np.testing.assert_allclose(np.asarray(beam.scores), np.asarray(want.scores), rtol=1e-5)
 
     greedy = _generate(model, ids, mask, cfg)
+    embeds = model.embed_tokens(jnp.asarray(ids))
+    via_embeds = nnx.jit(llm.generate, static_argnames=("cfg", "method"))(
+        model, attention_mask=jnp.asarray(mask), inputs_embeds=embeds, cfg=cfg
+    )
+    np.testing.assert_array_equal(np.asarray(via_embeds.tokens), np.asarray(greedy.tokens))
     beam_scores = np.asarray(beam.scores) * (1 + np.asarray(beam.lengths))  # sum of logprobs
     assert np.all(beam_scores >= np.asarray(greedy.scores) - 1e-4)
 
@@ -269,7 +280,11 @@ def test_sharded_equals_unsharded(checkpoints):
         # 2 key/value heads cannot split 4 ways: replicated over tensor, still fsdp-sharded.
         assert att.key.kernel.get_value().sharding.spec == P("fsdp")
         got = nnx.jit(lambda m, i, k: m(i, k))(model, jnp.asarray(ids), jnp.asarray(mask))
+        cfg = llm.search_config(model.config, max_new_tokens=5, eos_ids=())
+        sharded_tokens = _generate(model, ids, mask, cfg).tokens
     _assert_close_rel(got, want, mask.astype(bool), rel=1e-5)
+    plain_tokens = _generate(plain, ids, mask, cfg).tokens
+    np.testing.assert_array_equal(np.asarray(sharded_tokens), np.asarray(plain_tokens))
 
 
 def test_config_parsing():
