@@ -359,7 +359,9 @@ class GenerateState(NamedTuple):
 def search_config(config: LlmConfig, **overrides: Any) -> decoding.SearchConfig:
     """LLM defaults: no repetition or length penalty, the checkpoint's end and pad tokens.
 
-    `bos_id` fills the search's unused slot 0 (the prompt's last token is what the model saw).
+    `bos_id` (the pad token) fills the search's slot 0, which the model never reads: the prompt
+    is in the cache. A repetition penalty therefore sees the generated words (and this filler),
+    not the prompt.
     """
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     base = dict(
@@ -430,6 +432,8 @@ def generate(
 ) -> decoding.SearchOutput:
     """Continues every prompt: `method` "greedy", "beam" (`cfg.num_beams`) or "sample"
     (`cfg.temperature/top_k/top_p`, needs `rng`). Stops a row at any of `cfg.eos_ids`.
+    Greedy equals HF `generate(do_sample=False)`; beam search is the repo's (`decoding.py`, the
+    original Maria algorithm), not HF's, so its hypotheses may differ from HF beam search.
 
     Jit with `nnx.jit(generate, static_argnames=("cfg", "method"))`. Returns
     `decoding.SearchOutput` (tokens `int[B, max_new_tokens]`: the answer, its end token, pad).
