@@ -188,8 +188,13 @@ def abstract_module(constructor: Callable[[], nnx.Module]) -> nnx.Module:
     `assign`; pair with `check_all_set` after loading.
 
     RNG streams (e.g. of dropout layers) are not weights: they get concrete values (seed 0), so
-    the loaded module is usable as is."""
-    module = nnx.eval_shape(constructor)
+    the loaded module is usable as is.
+
+    Built outside any mesh: under one set with `jax.set_mesh`, `nnx.eval_shape` would turn the
+    logical axis names into mesh shardings itself (and fail, the names not being mesh axes);
+    callers place the loaded tensors on the mesh themselves."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        module = nnx.eval_shape(constructor)
     for _, var in nnx.iter_graph(module):
         if isinstance(var, nnx.RngState):
             abstract = var.get_value()

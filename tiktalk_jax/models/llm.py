@@ -594,12 +594,9 @@ def from_pretrained(
     config = config_from_pretrained(path, **config_overrides)
     param_dtype = dtype if param_dtype is None else param_dtype
     mesh = current_mesh() if mesh is None else mesh
-    # Shapes only, built outside the mesh: under one, `nnx.eval_shape` would turn the logical
-    # axis names into mesh shardings itself (and fail, the names not being mesh axes).
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-        model = hf_import.abstract_module(
-            lambda: Llm(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        )
+    model = hf_import.abstract_module(
+        lambda: Llm(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     sd = hf_import.StateDict(hf_import.load_state_dict(path), source=path)
     load_hf_weights(model, sd, mesh=mesh, rules=rules)
     sd.check_all_used()
