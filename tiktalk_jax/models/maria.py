@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -54,11 +56,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tiktalk_jax import decoding
+from tiktalk_jax import decoding, input_pipeline
+from tiktalk_jax import tokenizer as tokenizer_lib
 from tiktalk_jax.models import bert as bert_lib
 
 # maria_inputs registers the "maria" batch formatter with the input pipeline on import.
-from tiktalk_jax.models import hf_import, layers, maria_inputs
+from tiktalk_jax.models import hf_import, layers, maria_inputs, registry
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -681,3 +684,326 @@ def from_pretrained(
     )
     load_bert_weights(model, path)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The model family: what the train loop and `tiktalk_jax.evaluate` call (models/registry.py).
+# --------------------------------------------------------------------------------------------
+
+# Variant name (configs/maria.py) -> (use_vision, use_audio, use_knowledge): paper Table 7.
+VARIANTS = {
+    "t": (False, False, False),
+    "tv": (True, False, False),
+    "tva": (True, True, False),
+    "tvk": (True, False, True),
+    "tvak": (True, True, True),
+}
+# config.model.bert fields that apply on top of a pretrained checkpoint's shape.
+_BERT_RUNTIME_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+# Feature rows read per video to standardize features (evenly spaced over the train split).
+_STATS_MAX_VIDEOS = 2000
+
+
+def variant_flags(variant: str) -> tuple[bool, bool, bool]:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Maria variant {variant!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def family_tokenizer(config: Any) -> Any:
+    """The tokenizer `input_pipeline.make_datasets` uses for `config` (same resolution)."""
+
+    cfg = config.input
+    vocab_dir = cfg.vocab_dir
+    if not cfg.tokenizer and not vocab_dir:
+        vocab_dir = input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset)
+    return tokenizer_lib.load_tokenizer(
+        cfg.tokenizer,
+        vocab_dir,
+        texts=lambda: tokenizer_lib.dialogue_texts(
+            input_pipeline.open_split(
+                input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset), cfg.train_split
+            )
+        ),
+        vocab_size=cfg.vocab_size,
+    )
+
+
+def _check_input_lengths(config: Any, flags: tuple[bool, bool, bool]) -> None:
+    """The formatter's segments (config.input) must be the variant's, or batches would lack
+    (or carry unused) arrays."""
+    vision, audio, knowledge = flags
+    cfg = config.input
+    for name, used, field in (
+        ("vision", vision, "max_frames"),
+        ("audio", audio, "max_audio"),
+        ("knowledge", knowledge, "max_knowledge_len"),
+    ):
+        if used != (int(cfg.get(field, 0)) > 0):
+            raise ValueError(
+                f"variant {config.model.variant!r} {'uses' if used else 'does not use'} {name} "
+                f"but config.input.{field}={cfg.get(field, 0)}: choose the variant with the "
+                "config argument (configs/maria.py:variant=...), which sets both"
+            )
+
+
+def model_config(config: Any, tokenizer: Any = None) -> MariaConfig:
+    """The MariaConfig of a train config (`config.model` + the lengths of `config.input`).
+
+    Special token ids (and, for a random init, the vocabulary size) come from the tokenizer.
+    """
+    m, cfg = config.model, config.input
+    flags = variant_flags(m.variant)
+    _check_input_lengths(config, flags)
+    tokenizer = family_tokenizer(config) if tokenizer is None else tokenizer
+    vocab = getattr(tokenizer, "backend_tokenizer", tokenizer).get_vocab_size()
+    fields = dict(
+        use_vision=flags[0],
+        use_audio=flags[1],
+        use_knowledge=flags[2],
+        max_response_len=int(cfg.max_response_len),
+        max_context_len=int(cfg.max_context_len),
+        max_knowledge_len=max(int(cfg.get("max_knowledge_len", 0)), 1),
+        max_frames=max(int(cfg.get("max_frames", 0)), 1),
+        max_audio=max(int(cfg.get("max_audio", 0)), 1),
+        frame_dim=int(cfg.frame_dim),
+        audio_dim=int(cfg.audio_dim),
+        media_layer_norm=bool(m.media_layer_norm),
+        media_position_embeddings=bool(m.media_position_embeddings),
+        **maria_inputs.special_token_ids(tokenizer),
+    )
+    bert_fields = {k: v for k, v in m.bert.items() if v is not None}
+    if m.get("init_from"):
+        # The checkpoint fixes the shape; the config still sets the dropout rates.
+        dropout = {k: v for k, v in bert_fields.items() if k in _BERT_RUNTIME_FIELDS}
+        return with_tokenizer(
+            config_from_pretrained(m.init_from, bert_overrides=dropout, **fields), tokenizer
+        )
+    bert_fields.setdefault("vocab_size", vocab)
+    return with_tokenizer(MariaConfig(bert=bert_lib.BertConfig(**bert_fields), **fields), tokenizer)
+
+
+def build(config: Any, rngs: nnx.Rngs) -> Maria:
+    """`registry.ModelFamily.build`: from `config.model.init_from` (a local HF BERT directory)
+    or a random init shaped by `config.model.bert`; training mode."""
+    mc = model_config(config)
+    dtype = jnp.dtype(config.model.dtype)
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    model = Maria(mc, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if config.model.get("init_from"):
+        load_bert_weights(model, config.model.init_from)
+    return model
+
+
+class StandardizedFeatures(Sequence):
+    """A features table whose `features` rows are standardized per dimension, `(x - mean) / std`,
+    with statistics of the TRAIN split (float32; other fields unchanged).
+
+    Why: a features dataset fixes neither offset nor scale. Random-init encoders (the demo's)
+    give features whose videos differ by 0.1% of a large common offset (ResNet) or whose
+    values are ~1e-13 (VGGish: N(0, 0.01) weights shrink every layer); projected and
+    LayerNorm-ed as is, the first is almost the same token for every video and the second
+    vanishes under the LayerNorm epsilon. Standardizing removes both; for pretrained features it
+    is the usual input normalisation.
+    """
+
+    def __init__(self, table: Any, mean: np.ndarray, std: np.ndarray, stats_from: str):
+        self.table, self.mean, self.std = table, mean, std
+        self.keys = table.keys
+        self.metadata = {
+            **table.metadata,
+            "normalization": f"per-dimension standardization, statistics of {stats_from}",
+        }
+
+    def _norm(self, record: dict[str, Any]) -> dict[str, Any]:
+        feats = np.asarray(record[maria_inputs.FEATURES_FIELD], np.float32)
+        out = dict(record)
+        out[maria_inputs.FEATURES_FIELD] = (feats - self.mean) / self.std if feats.size else feats
+        return out
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._norm(self.table[index])
+
+    def __getitems__(self, indices) -> list[dict[str, Any]]:
+        return [self._norm(r) for r in self.table.__getitems__(indices)]
+
+
+@functools.lru_cache(maxsize=8)
+def feature_stats(features_dir: str, split: str, max_videos: int = _STATS_MAX_VIDEOS):
+    """Per-dimension mean and std `float32[D]` of the feature rows of (evenly spaced) videos
+    of `split`; a constant dimension gets std 1."""
+    from tiktalk_jax import features as features_lib
+
+    table = features_lib.FeatureTable(features_dir, split)
+    picks = np.unique(np.linspace(0, len(table) - 1, min(len(table), max_videos)).astype(int))
+    rows = [
+        np.asarray(r[maria_inputs.FEATURES_FIELD], np.float64) for r in table.__getitems__(picks)
+    ]
+    rows = np.concatenate([r for r in rows if r.size])
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    # Relative floor: random-init features are legitimately tiny, so no absolute epsilon.
+    floor = 1e-6 * float(std.max()) if std.max() > 0 else 1.0
+    std = np.where(std > floor, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32), len(picks)
+
+
+def features_dir(config: Any, table: str) -> str:
+    """Where the `frames` / `audio` features are: config.input.<table>_dir, else the extract
+    CLI's default `<data_dir>/features/<encoder>`."""
+    cfg = config.input
+    explicit = cfg.get(f"{table}_dir")
+    if explicit:
+        return explicit
+    encoder = "resnet101" if table == maria_inputs.FRAMES else "vggish"
+    if not cfg.data_dir:
+        raise ValueError(f"set config.input.{table}_dir (or config.input.data_dir)")
+    return os.path.join(cfg.data_dir, "features", encoder)
+
+
+def knowledge_dir(config: Any) -> str:
+    """config.input.knowledge_dir, else knowledge.prepare's default `<version dir>/knowledge`."""
+    cfg = config.input
+    if cfg.get("knowledge_dir"):
+        return cfg.knowledge_dir
+    return os.path.join(input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset), "knowledge")
+
+
+class WithEmptyRecords(Sequence):
+    """A features table that also answers for `extra_keys` with zero feature rows.
+
+    A dialogue whose video has no features (the mp4 was missing or undecodable, so neither the
+    media build nor the extraction has it) then gets an empty, fully masked segment, as a video
+    without sound does, instead of failing the join or being dropped: every variant sees the
+    same dialogues, so their scores stay comparable.
+    """
+
+    def __init__(self, table: Any, extra_keys: Sequence[str], dim: int):
+        self.table, self.dim = table, dim
+        self.extra = list(extra_keys)
+        self.keys = list(table.keys) + self.extra
+        self.metadata = {**table.metadata, "videos_without_features": len(self.extra)}
+
+    def __len__(self) -> int:
+        return len(self.table) + len(self.extra)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < len(self.table):
+            return self.table[index]
+        return {
+            "video_id": self.extra[index - len(self.table)],
+            "features": np.zeros((0, self.dim)),
+        }
+
+    def __getitems__(self, indices) -> list[dict[str, Any]]:
+        return [self[int(i)] for i in indices]
+
+
+def _dialogue_video_ids(config: Any, split: str) -> set[str]:
+    cfg = config.input
+    source = input_pipeline.open_split(input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset), split)
+    ids: set[str] = set()
+    for start in range(0, len(source), 4096):
+        chunk = source.__getitems__(list(range(start, min(start + 4096, len(source)))))
+        ids.update(input_pipeline.as_text(r["video_id"]) for r in chunk)
+    return ids
+
+
+def side_tables(config: Any) -> dict[str, list[Any]]:
+    """`registry.ModelFamily.side_tables`: frames / audio features (standardized when
+    `config.input.feature_norm == "standardize"`; dialogues whose video has no features get an
+    empty segment, see `WithEmptyRecords`) and knowledge, as the variant uses them, for the
+    train split and every eval split."""
+    from tiktalk_jax import features as features_lib
+    from tiktalk_jax.knowledge import prepare
+
+    cfg = config.input
+    vision, audio, knowledge = variant_flags(config.model.variant)
+    splits = list(dict.fromkeys([cfg.train_split, *cfg.eval_splits]))
+    out: dict[str, list[Any]] = {s: [] for s in splits}
+    norm = cfg.get("feature_norm", "standardize")
+    if norm not in ("standardize", "none"):
+        raise ValueError(f"config.input.feature_norm must be standardize or none, got {norm!r}")
+    video_ids = {}
+    for table, used, dim_field in (
+        (maria_inputs.FRAMES, vision, "frame_dim"),
+        (maria_inputs.AUDIO, audio, "audio_dim"),
+    ):
+        if not used:
+            continue
+        directory = features_dir(config, table)
+        width = features_lib.read_metadata(directory)["fields"]["features"]["shape"][-1]
+        if width != int(cfg[dim_field]):
+            raise ValueError(
+                f"{table} features in {directory} are {width}-d but config.input.{dim_field}="
+                f"{cfg[dim_field]} (set {dim_field}={width} in the config argument)"
+            )
+        if norm == "standardize":
+            mean, std, n = feature_stats(directory, cfg.train_split)
+        for split in splits:
+            source = features_lib.FeatureTable(directory, split)
+            if norm == "standardize":
+                source = StandardizedFeatures(
+                    source, mean, std, f"{n} {cfg.train_split} videos of {directory}"
+                )
+            if split not in video_ids:
+                video_ids[split] = _dialogue_video_ids(config, split)
+            missing = sorted(video_ids[split] - set(source.keys))
+            if missing:
+                logging.warning(
+                    "%s %s: %d videos of the dialogues have no features (missing or corrupt "
+                    "media); their dialogues get an empty %s segment. First: %s",
+                    directory, split, len(missing), table, missing[:5],
+                )  # fmt: skip
+            source = WithEmptyRecords(source, missing, width)
+            out[split].append(
+                input_pipeline.SideTable(
+                    name=table, source=source, key="video_id", keys=source.keys
+                )
+            )
+    if knowledge:
+        for split, tables in prepare.side_tables(knowledge_dir(config), splits).items():
+            out[split].extend(tables)
+    return out
+
+
+def decode_settings(config: Any, model_cfg: MariaConfig) -> tuple[decoding.SearchConfig, dict]:
+    """(search config, jit-static options) from `config.decode`."""
+    d = config.decode
+    search = search_config(
+        model_cfg,
+        max_new_tokens=int(d.max_new_tokens),
+        num_beams=int(d.num_beams),
+        length_penalty=float(d.length_penalty),
+        repetition_penalty=float(d.repetition_penalty),
+    )
+    return search, dict(cached=bool(d.get("cached", True)), greedy=bool(d.get("greedy", False)))
+
+
+def _generate(model: Maria, batch: Batch, config: Any) -> Array:
+    """`registry.ModelFamily.generate`: `int32[B, max_new_tokens]` (words, [SEP], then [PAD])."""
+    search, options = decode_settings(config, model.config)
+    return generate(model, batch, search, **options).tokens
+
+
+def _score(model: Maria, batch: Batch, config: Any) -> Array:
+    """`registry.ModelFamily.score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`
+    (`int32[B, C, R]`, `[CLS] r [SEP]` padded like `response_ids`)."""
+    del config
+    return score_candidates(model, batch, batch["candidate_ids"], batch["candidate_mask"])
+
+
+registry.register(
+    registry.ModelFamily(
+        name="maria",
+        build=build,
+        loss_fn=loss_fn,
+        formatter="maria",
+        frozen_source=lambda config: config.model.get("init_from"),
+        side_tables=side_tables,
+        generate=_generate,
+        score=_score,
+    )
+)

@@ -1,0 +1,625 @@
+r"""Evaluation of a trained checkpoint: generate for a split, score, write, log.
+
+    python -m tiktalk_jax.main --mode=eval --workdir=DIR [--eval_split=test]
+        [--checkpoint_step=latest|all|N] [--skip_meteor] [--config=... (default DIR/config.json)]
+
+For each evaluated checkpoint (step N) and split, in the workdir (process 0 writes):
+
+  generations_<split>_step<N>.jsonl  one line per dialogue: dialogue_id, video_id, context,
+                                     references, hypothesis, best_reference_rank (retrieval) and
+                                     kind (when reply kinds are known, e.g. the bundled sample)
+  scores_<split>_step<N>.json        {"split", "step", "num_examples", "nlg_scores",
+                                     "retrieval", "per_kind": {kind: {...}}, "metadata"}
+  tensorboard/, metrics.jsonl        the same scalars as `<split>/<metric>` and
+                                     `<split>/<kind>/<metric>` at step N (clu metric_writers)
+
+What runs:
+  * the model family (`config.model.name`) is built as the train loop builds it, sharded on the
+    config's mesh, and its trainable params and model state are restored from the checkpoint
+    (read-only: a concurrent training run is never disturbed); the frozen parameters are
+    checked against the checkpoint's fingerprint;
+  * the split goes through the eval pipeline (in order, padded to whole batches; padding rows
+    have `example_mask` False and are dropped), and `family.generate` decodes each batch under
+    jit with the config's decoding settings (`config.decode`);
+  * hypotheses are detokenized (`detokenize`: WordPiece pieces joined without spaces, `##`
+    stripped) and scored against the 5 references with `metrics.nlg_scores` (the paper's
+    protocol: one pycocoevalcap run per reference index, averaged);
+  * retrieval: every dialogue's 5 references + 95 negatives from other dialogues of the split
+    (`metrics.retrieval_candidates`, deterministic) are scored by `family.score` (for Maria the
+    log-likelihood of each candidate) and ranked: Recall@1/5/10 and MeanRank
+    (`metrics.retrieval_metrics`). Candidates use the formatters' response layout
+    (`[CLS] r [SEP]`, padded to `config.input.max_response_len`): `candidate_ids int32[B, C, R]`,
+    `candidate_mask bool[B, C, R]` are added to the batch, C split in chunks of
+    `config.eval.score_chunk`;
+  * per-kind scores: with a reply-kind file (`config.eval.kinds_file`, or `sample_kinds.json`
+    found in the data dir or in `<data_dir>/../raw/`), every metric again on each kind's subset.
+
+The scores file's `metadata` records what makes two numbers comparable: the segmenter and its
+version, the aggregation, scorer versions and METEOR (or that it was skipped), decoding
+settings, retrieval protocol, checkpoint step, variant, tokenizer, text lengths, and the side
+tables used (features: encoder, random-init or the weights' sha256, normalisation; knowledge:
+KG hash and encoder).
+
+METEOR needs a Java runtime; without one the eval stops with a message naming the fix, unless
+`--skip_meteor` (`config.eval.skip_meteor`), which the scores file records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from tiktalk_jax import checkpoint, input_pipeline, metrics, sharding, train
+from tiktalk_jax.models import registry
+
+KINDS_FILENAME = "sample_kinds.json"
+# Tokens that never appear in a detokenized hypothesis ([UNK] is kept, as one character).
+_DROPPED_TOKENS = frozenset({"[PAD]", "[CLS]", "[SEP]", "[MASK]"})
+_UNK_TEXT = "\ufffd"
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """One evaluated checkpoint on one split (scores are None on processes other than 0)."""
+
+    step: int
+    split: str
+    scores: dict[str, Any] | None
+    scores_path: str
+    generations_path: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and files.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote to `<workdir>/config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass --config, or train in this workdir first")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f), type_safe=False)
+
+
+def scores_path(workdir: str, split: str, step: int) -> str:
+    return os.path.join(workdir, f"scores_{split}_step{step}.json")
+
+
+def generations_path(workdir: str, split: str, step: int) -> str:
+    return os.path.join(workdir, f"generations_{split}_step{step}.jsonl")
+
+
+def find_kinds_file(config: ml_collections.ConfigDict) -> str | None:
+    """`config.eval.kinds_file`, else a `sample_kinds.json` next to / above the data dir."""
+    explicit = config.get("eval", {}).get("kinds_file")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"config.eval.kinds_file {explicit!r} does not exist")
+        return explicit
+    data_dir = config.input.get("data_dir")
+    if not data_dir:
+        return None
+    for candidate in (
+        os.path.join(data_dir, KINDS_FILENAME),
+        os.path.join(os.path.dirname(os.path.abspath(data_dir)), "raw", KINDS_FILENAME),
+    ):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.eval` with defaults for fields a config may lack."""
+    defaults = dict(
+        split="test",
+        tokenize="char",
+        skip_meteor=False,
+        num_negatives=95,
+        retrieval_seed=0,
+        score_chunk=20,
+        kinds_file=None,
+    )
+    given = config.get("eval") or {}
+    return ml_collections.ConfigDict({**defaults, **dict(given)}, type_safe=False)
+
+
+def _with_eval_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    cfg.input.eval_splits = (split,)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Text.
+# ---------------------------------------------------------------------------------------------
+
+
+def detokenize(pieces: Sequence[str]) -> str:
+    """WordPiece pieces -> text, for Chinese: pieces are joined without spaces and `##` is
+    stripped; a space is kept only between two ASCII alphanumeric words (so "hello world"
+    survives). Special tokens are dropped; `[UNK]` becomes U+FFFD (one character)."""
+    out = ""
+    for piece in pieces:
+        if piece in _DROPPED_TOKENS:
+            continue
+        if piece == "[UNK]":
+            out += _UNK_TEXT
+        elif piece.startswith("##"):
+            out += piece[2:]
+        elif (
+            out
+            and out[-1].isascii()
+            and out[-1].isalnum()
+            and piece[0].isascii()
+            and (piece[0].isalnum())
+        ):
+            out += " " + piece
+        else:
+            out += piece
+    return out
+
+
+def decode_tokens(tokenizer: Any, ids: np.ndarray, stop_ids: Sequence[int]) -> str:
+    """Generated ids `int[T]` up to the first stop id -> text."""
+    ids = [int(i) for i in ids]
+    for j, i in enumerate(ids):
+        if i in stop_ids:
+            ids = ids[:j]
+            break
+    return detokenize(tokenizer.convert_ids_to_tokens(ids))
+
+
+def encode_candidates(
+    tokenizer: Any, candidates: Sequence[Sequence[str]], max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate texts `[N][C]` -> `(int32[N, C, R], bool[N, C, R])` as `[CLS] r [SEP]`,
+    truncated like the formatters' responses (the [SEP] is kept)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    pad, cls, sep = (backend.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
+    n, c = len(candidates), len(candidates[0])
+    flat = [t for row in candidates for t in row]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    tokens = [e.ids for e in encode(flat, add_special_tokens=False)]
+    ids = np.full((n * c, max_len), pad, np.int32)
+    lengths = np.zeros((n * c,), np.int32)
+    for i, t in enumerate(tokens):
+        row = [cls, *t[: max_len - 2], sep]
+        ids[i, : len(row)] = row
+        lengths[i] = len(row)
+    mask = np.arange(max_len)[None, :] < lengths[:, None]
+    return ids.reshape(n, c, max_len), mask.reshape(n, c, max_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: built as the train loop builds it, params restored read-only.
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelLoader:
+    """Builds the family's model once on the mesh; `load(step)` restores a checkpoint into it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
+        from tiktalk_jax import optim
+
+        self.family = registry.get(config.model.name)
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        with jax.set_mesh(mesh):
+            model = self.family.build(config, nnx.Rngs(int(config.seed)))
+        frozen_f = optim.frozen_filter(config.frozen)
+        trainable_f = optim.trainable_filter(config.frozen)
+        self.graphdef, frozen, params, rest = nnx.split(model, frozen_f, trainable_f, ...)
+        rules = tuple(tuple(r) for r in config.sharding.rules)
+        overrides = tuple(tuple(o) for o in config.sharding.overrides)
+        place = lambda s: jax.device_put(s, sharding.state_shardings(s, mesh, rules, overrides))
+        self.frozen, self.params, self.rest = place(frozen), place(params), place(rest)
+        source = self.family.frozen_source(config) if self.family.frozen_source else None
+        self.frozen_info = checkpoint.frozen_record(self.frozen, source)
+
+    def steps(self) -> list[int]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(
+            int(n)
+            for n in os.listdir(self.directory)
+            if n.isdigit()
+            and os.path.exists(os.path.join(self.directory, n, "_CHECKPOINT_METADATA"))
+        )
+
+    def load(self, step: int) -> nnx.Module:
+        """The model with the params and state of checkpoint `step` (frozen weights checked)."""
+        target = checkpoint.keys_to_data(
+            {"params": nnx.to_pure_dict(self.params), "rest": nnx.to_pure_dict(self.rest)}
+        )
+        abstract = checkpoint.abstract_like(target)
+        manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True)
+        )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                        partial_restore=True,  # the optimizer state is not needed
+                    ),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise checkpoint.CheckpointError(
+                f"restoring step {step} from {self.directory} failed: {e}"
+            ) from e
+        finally:
+            manager.close()
+        where = f"{self.directory}/{step}"
+        checkpoint.check_frozen(restored["meta"].get("frozen"), self.frozen_info, where)
+        tree = checkpoint.data_to_keys(restored["state"], target)
+        params, rest = self.params, self.rest
+        nnx.replace_by_pure_dict(params, tree["params"])
+        nnx.replace_by_pure_dict(rest, tree["rest"])
+        return nnx.merge(self.graphdef, self.frozen, params, rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model over a split.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def run_model(
+    family: registry.ModelFamily,
+    model: nnx.Module,
+    config: ml_collections.ConfigDict,
+    dataset: Any,
+    mesh: jax.sharding.Mesh,
+    candidates: tuple[np.ndarray, np.ndarray] | None,
+    score_chunk: int,
+) -> dict[str, np.ndarray]:
+    """Generates (and scores candidates) for every batch of `dataset` under jit on `mesh`.
+
+    `candidates`: `(ids int32[N, C, R], mask)` indexed by the split's record index, or None.
+    Returns the global `record_index int[n]`, `tokens int[n, T]` and `scores float[n, C]` of
+    the real (non-padding) examples, in pipeline order.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def generate(state, batch):
+        return family.generate(nnx.merge(graphdef, state), batch, config)
+
+    @jax.jit
+    def score(state, batch):
+        return family.score(nnx.merge(graphdef, state), batch, config)
+
+    out = {"record_index": [], "tokens": [], "scores": [], "example_mask": []}
+    with jax.set_mesh(mesh):
+        for host_batch in dataset:
+            batch = input_pipeline.make_global(host_batch, mesh)
+            out["tokens"].append(_gather(generate(state, batch)))
+            out["record_index"].append(_gather(batch["record_index"]))
+            out["example_mask"].append(_gather(batch["example_mask"]))
+            if candidates is None:
+                continue
+            rows = np.maximum(host_batch["record_index"], 0)
+            ids, mask = candidates[0][rows], candidates[1][rows]
+            c = ids.shape[1]
+            chunks = []
+            for start in range(0, c, score_chunk):
+                sub_ids, sub_mask = (
+                    ids[:, start : start + score_chunk],
+                    mask[:, start : start + score_chunk],
+                )
+                short = score_chunk - sub_ids.shape[1]
+                if short:  # the last chunk keeps the compiled shape (padded, then dropped)
+                    sub_ids = np.concatenate([sub_ids, sub_ids[:, :1].repeat(short, 1)], axis=1)
+                    sub_mask = np.concatenate([sub_mask, sub_mask[:, :1].repeat(short, 1)], axis=1)
+                extra = input_pipeline.make_global(
+                    {"candidate_ids": sub_ids, "candidate_mask": sub_mask}, mesh
+                )
+                got = _gather(score(state, {**batch, **extra}))
+                chunks.append(got[:, : score_chunk - short])
+            out["scores"].append(np.concatenate(chunks, axis=1))
+    result = {k: np.concatenate(v) for k, v in out.items() if v}
+    keep = result.pop("example_mask").astype(bool)
+    return {k: v[keep] for k, v in result.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores.
+# ---------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return input_pipeline.as_text(value)
+
+
+def _side_table_info(tables: Sequence[Any]) -> dict[str, Any]:
+    """What the scores file records about each joined side table."""
+    info = {}
+    for t in tables:
+        meta = getattr(t.source, "metadata", None)
+        if meta is not None:
+            keep = (
+                "encoder", "weights", "random_init", "sha256", "seed", "storage_dtype",
+                "compute_dtype", "frames", "media_options", "normalization",
+                "videos_without_features", "warning",
+            )  # fmt: skip
+            info[t.name] = {k: meta[k] for k in keep if k in meta}
+            continue
+        path = getattr(t.source, "path", None)
+        manifest = path and os.path.join(os.path.dirname(path), "manifest.json")
+        if manifest and os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                m = json.load(f)
+            info[t.name] = {
+                k: m.get(k) for k in ("kg", "kg_sha256", "encoder", "config", "heads_indexed")
+            }
+            info[t.name]["dir"] = os.path.dirname(path)
+        else:
+            info[t.name] = {"source": type(t.source).__name__}
+    return info
+
+
+def _score_set(
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    cand_scores: np.ndarray | None,
+    settings: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+    out = dict(
+        num_examples=len(hyps),
+        nlg_scores=metrics.nlg_scores(
+            hyps, refs, tokenize=settings.tokenize, skip_meteor=bool(settings.skip_meteor)
+        ),
+    )
+    if cand_scores is not None:
+        out["retrieval"] = metrics.retrieval_metrics(cand_scores, num_positives=len(refs[0]))
+    return out
+
+
+def compute_scores(
+    records: Sequence[Mapping[str, Any]],
+    hyps: Sequence[str],
+    cand_scores: np.ndarray | None,
+    kinds: Mapping[str, str] | None,
+    settings: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+    """Overall and per-kind scores of the examples (`records` in the order of `hyps`)."""
+    refs = [[_text(r) for r in rec["responses"]] for rec in records]
+    scores = _score_set(hyps, refs, cand_scores, settings)
+    if kinds:
+        per_kind = {}
+        labels = [kinds.get(_text(rec["dialogue_id"])) for rec in records]
+        for kind in sorted({k for k in labels if k}):
+            idx = [i for i, k in enumerate(labels) if k == kind]
+            sub = _score_set(
+                [hyps[i] for i in idx],
+                [refs[i] for i in idx],
+                None if cand_scores is None else cand_scores[idx],
+                settings,
+            )
+            per_kind[kind] = {
+                "num_examples": sub["num_examples"],
+                **sub["nlg_scores"],
+                **sub.get("retrieval", {}),
+            }
+        scores["per_kind"] = per_kind
+    return scores
+
+
+def _scalars(split: str, scores: Mapping[str, Any]) -> dict[str, float]:
+    flat = {}
+    for group in ("nlg_scores", "retrieval"):
+        for k, v in scores.get(group, {}).items():
+            if v is not None:
+                flat[f"{split}/{k}"] = float(v)
+    for kind, values in scores.get("per_kind", {}).items():
+        for k, v in values.items():
+            if v is not None and k != "num_examples":
+                flat[f"{split}/{kind}/{k}"] = float(v)
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str | None = None,
+    steps: str | int | Sequence[int] = "latest",
+    model: nnx.Module | None = None,
+    model_step: int | None = None,
+    skip_meteor: bool | None = None,
+) -> list[EvalResult]:
+    """Evaluates checkpoints of the run in `workdir` on `split` (see the module docstring).
+
+    Args:
+      config: the run's config (e.g. `load_config(workdir)`).
+      workdir: the run's workdir: checkpoints are read and results written here.
+      split: the split to evaluate (default `config.eval.split`).
+      steps: "latest", "all", a step or a list of steps (ignored when `model` is given).
+      model: an in-memory model to evaluate instead of restoring (the end of training), with
+        its step `model_step`.
+      skip_meteor: overrides `config.eval.skip_meteor`.
+
+    Returns:
+      One `EvalResult` per evaluated checkpoint.
+    """
+    settings = _eval_settings(config)
+    if skip_meteor is not None:
+        settings.skip_meteor = bool(skip_meteor)
+    if not settings.skip_meteor:
+        metrics.find_java()  # fail before any decoding, with the fix in the message
+    split = split or settings.split
+    cfg = _with_eval_split(config, split)
+    family = registry.get(cfg.model.name)
+    if family.generate is None:
+        raise ValueError(f"model family {family.name!r} has no generate(): nothing to evaluate")
+    mesh = sharding.make_mesh(cfg.mesh)
+    side = family.side_tables(cfg) if family.side_tables else {}
+    datasets = input_pipeline.make_datasets(cfg, side_tables=side, train=False)
+    source = datasets.eval_sources[split]
+    tokenizer = datasets.tokenizer
+
+    # Retrieval candidates of every record of the split (deterministic on every host).
+    candidates = cand_texts = None
+    num_refs = int(cfg.input.get("num_references", 5))
+    if family.score is not None and settings.num_negatives > 0:
+        references = [[_text(r) for r in source[i]["responses"]] for i in range(len(source))]
+        if min(len(r) for r in references) != num_refs:
+            raise ValueError(f"every {split} dialogue needs {num_refs} references")
+        cand_texts = metrics.retrieval_candidates(
+            references, int(settings.num_negatives), int(settings.retrieval_seed)
+        )
+        candidates = encode_candidates(tokenizer, cand_texts, int(cfg.input.max_response_len))
+    kinds_file = find_kinds_file(cfg)
+    kinds = None
+    if kinds_file:
+        with open(kinds_file, encoding="utf-8") as f:
+            kinds = json.load(f)
+
+    if model is not None:
+        todo = [(int(model_step if model_step is not None else 0), None)]
+    else:
+        loader = ModelLoader(cfg, workdir, mesh)
+        available = loader.steps()
+        if not available:
+            raise FileNotFoundError(f"no checkpoints in {loader.directory}")
+        if steps == "latest":
+            chosen = [available[-1]]
+        elif steps == "all":
+            chosen = available
+        else:
+            chosen = [int(steps)] if isinstance(steps, (int, str)) else [int(s) for s in steps]
+            missing = sorted(set(chosen) - set(available))
+            if missing:
+                raise FileNotFoundError(
+                    f"no checkpoint {missing} in {loader.directory}: {available}"
+                )
+        todo = [(s, loader) for s in chosen]
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    stop_ids = [backend.token_to_id(t) for t in ("[SEP]", "[PAD]")]
+    side_info = _side_table_info(side.get(split, []))
+    results = []
+    writer = train.make_writer(workdir)
+    try:
+        for step, loader in todo:
+            m = model if loader is None else loader.load(step)
+            start = datetime.datetime.now(datetime.UTC)
+            out = run_model(
+                family, m, cfg, datasets.evals[split], mesh, candidates, int(settings.score_chunk)
+            )
+            order = np.argsort(out["record_index"], kind="stable")
+            index = out["record_index"][order]
+            records = [source[int(i)] for i in index]
+            hyps = [decode_tokens(tokenizer, t, stop_ids) for t in out["tokens"][order]]
+            cand_scores = out["scores"][order] if "scores" in out else None
+            result = EvalResult(
+                step, split, None, scores_path(workdir, split, step),
+                generations_path(workdir, split, step),
+            )  # fmt: skip
+            if jax.process_index() == 0:
+                scores = compute_scores(records, hyps, cand_scores, kinds, settings)
+                scores = {"split": split, "step": step, **scores}
+                scores["metadata"] = _metadata(
+                    cfg, settings, split, step, workdir, side_info, tokenizer, kinds_file, start
+                )
+                _write_generations(result.generations_path, records, hyps, cand_scores, kinds)
+                _write_json(result.scores_path, scores)
+                writer.write_scalars(step, _scalars(split, scores))
+                writer.flush()
+                result.scores = scores
+                logging.info("eval %s step %d: %s", split, step, scores["nlg_scores"])
+            results.append(result)
+    finally:
+        writer.close()
+    return results
+
+
+def _best_rank(row: np.ndarray, num_positives: int) -> int:
+    return int(1 + np.sum(row[num_positives:] >= row[:num_positives].max()))
+
+
+def _write_generations(path, records, hyps, cand_scores, kinds) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for i, (rec, hyp) in enumerate(zip(records, hyps)):
+            refs = [_text(r) for r in rec["responses"]]
+            line = {
+                "dialogue_id": _text(rec["dialogue_id"]),
+                "video_id": _text(rec["video_id"]),
+                "context": [_text(t) for t in rec["context"]],
+                "references": refs,
+                "hypothesis": hyp,
+            }
+            if cand_scores is not None:
+                line["best_reference_rank"] = _best_rank(cand_scores[i], len(refs))
+            if kinds:
+                line["kind"] = kinds.get(line["dialogue_id"])
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _metadata(cfg, settings, split, step, workdir, side_info, tokenizer, kinds_file, start):
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    inp = cfg.input
+    lengths = (
+        "max_response_len", "max_context_len", "max_knowledge_len", "max_frames", "max_audio",
+    )  # fmt: skip
+    return {
+        **metrics.scores_metadata(settings.tokenize, bool(settings.skip_meteor)),
+        "skip_meteor": bool(settings.skip_meteor),
+        "split": split,
+        "checkpoint_step": int(step),
+        "model": cfg.model.name,
+        "variant": cfg.model.get("variant"),
+        "init_from": cfg.model.get("init_from"),
+        "decoding": dict(cfg.get("decode") or {}),
+        "retrieval": {
+            "num_positives": int(inp.get("num_references", 5)),
+            "num_negatives": int(settings.num_negatives),
+            "negatives": "distinct responses of other dialogues of the split, seeded per example",
+            "seed": int(settings.retrieval_seed),
+            "rank": "best ground truth, ties against the model (metrics.retrieval_metrics)",
+            "score": "family.score (Maria: sum of log p of the candidate's tokens and [SEP])",
+        },
+        "hypotheses": "detokenized: WordPiece joined without spaces, ## stripped",
+        "tokenizer": inp.get("tokenizer") or "WordPiece vocab trained on the train split",
+        "vocab_size": backend.get_vocab_size(),
+        "text_lengths": {k: inp.get(k) for k in lengths if inp.get(k) is not None},
+        "side_tables": side_info,
+        "kinds_file": kinds_file,
+        "data_dir": inp.get("data_dir"),
+        "workdir": os.path.abspath(workdir),
+        "created": start.isoformat(timespec="seconds"),
+    }
