@@ -176,20 +176,31 @@ def test_warns_when_metadata_differs_and_names_the_fields(tmp_path):
 
 def test_side_tables_are_compared_only_where_joined(tmp_path):
     t, tvak, vit = (str(tmp_path / name) for name in ("t", "tvak", "tvak_vit"))
-    write_scores(t, "test", 1, 1.0)
-    write_scores(tvak, "test", 1, 2.0, variant="tvak", side_tables=TVAK_TABLES)
+    # As configs/maria.py sets them: a segment the variant does not use has length 0.
+    t_lengths = {**METADATA["text_lengths"], "max_frames": 0, "max_knowledge_len": 0}
+    tvak_lengths = {**METADATA["text_lengths"], "max_frames": 4, "max_knowledge_len": 16}
+    write_scores(t, "test", 1, 1.0, metadata={**METADATA, "text_lengths": t_lengths})
+    tvak_metadata = {**METADATA, "text_lengths": tvak_lengths}
+    write_scores(
+        tvak, "test", 1, 2.0, metadata=tvak_metadata, variant="tvak", side_tables=TVAK_TABLES
+    )
     # The T-vs-TVAK ablation: which side tables a run joins is what is compared, not a warning.
     result = compare.compare([t, tvak], out=str(tmp_path / "out"))
     assert result.warnings == []
     assert f"  t: {t} (1 scores files; model maria, variant t; side tables: none)" in result.text
     assert "variant tvak; side tables: audio, knowledge, vision)" in result.text
     # Two runs joining the vision table with different encoders are not comparable.
-    vit_tables = {**TVAK_TABLES, "vision": {**TVAK_TABLES["vision"], "encoder": "vit_g"}}
+    vision = {**TVAK_TABLES["vision"], "encoder": "vit_g", "random_init": True}
+    vit_tables = {**TVAK_TABLES, "vision": vision}
     vit_tables["knowledge"] = {**TVAK_TABLES["knowledge"], "dir": "/elsewhere"}  # a path: ignored
-    write_scores(vit, "test", 1, 3.0, variant="tvak", side_tables=vit_tables)
+    vit_metadata = {**METADATA, "text_lengths": {**tvak_lengths, "max_frames": 8}}
+    write_scores(vit, "test", 1, 3.0, metadata=vit_metadata, variant="tvak", side_tables=vit_tables)
     assert compare.compare([t, tvak, vit], out=str(tmp_path / "out")).warnings == [
         '[test] not comparable: side_tables.vision.encoder differs: "resnet101" (tvak); '
-        '"vit_g" (tvak_vit)'
+        '"vit_g" (tvak_vit)',
+        "[test] not comparable: side_tables.vision.random_init differs: false (tvak); "
+        "true (tvak_vit)",
+        "[test] not comparable: text_lengths.max_frames differs: 4 (tvak); 8 (tvak_vit)",
     ]
 
 
@@ -335,3 +346,40 @@ def test_cli_compare_mode(two_runs, tmp_path):
     proc = _main("--mode=demo", "--workdir=a", "--workdir=b", cwd=tmp_path)
     assert proc.returncode != 0 and "--mode=demo takes one --workdir, got 2" in proc.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_reads_the_scores_that_evaluate_computes(tmp_path):
+    """The contract with evaluate.py: its scores dict, written at its path, is read in full."""
+    import ml_collections
+
+    from tiktalk_jax import evaluate, metrics
+
+    refs = [
+        ["红色的圆", "红色", "圆", "红圆", "是红色"],
+        ["哔哔声", "哔哔", "声音", "响声", "哔"],
+    ] * 2
+    records = [
+        {"dialogue_id": f"v/{i}", "responses": r, "context": ["问"]} for i, r in enumerate(refs)
+    ]
+    kinds = {"v/0": "vision", "v/1": "audio", "v/2": "vision", "v/3": "audio"}
+    settings = ml_collections.ConfigDict(dict(tokenize="char", skip_meteor=True))
+    candidates = np.random.default_rng(0).normal(size=(4, 20))
+    workdirs = {"good": ["红色的圆", "哔哔声", "红色", "哔哔"], "bad": ["好", "好", "好", "好"]}
+    for name, hyps in workdirs.items():
+        scores = evaluate.compute_scores(records, hyps, candidates, kinds, settings)
+        scores.update(split="test", step=100)
+        scores["metadata"] = {**metrics.scores_metadata("char", skip_meteor=True), "variant": name}
+        os.makedirs(tmp_path / name)
+        with open(evaluate.scores_path(str(tmp_path / name), "test", 100), "w") as f:
+            json.dump(scores, f, ensure_ascii=False)
+
+    result = compare.compare([str(tmp_path / "good"), str(tmp_path / "bad")], out=str(tmp_path))
+    assert result.warnings == [] and result.skipped == []
+    header, rows = table_rows(result.text, "[test] scores")
+    assert header[2:] == [*NLG, "recall@1", "recall@5", "recall@10", "mean_rank"]
+    good, bad = rows[("good", 100)], rows[("bad", 100)]
+    assert good[header.index("meteor") - 2] == "-"  # skipped METEOR is recorded as null
+    assert good[header.index("bleu2") - 2].endswith("*") and not bad[0].endswith("*")
+    kind_header, kind_rows = table_rows(result.text, "[test] per_kind/vision")
+    assert kind_header[2:] == header[2:]  # every metric per kind, the example count left out
+    assert set(kind_rows) == {("good", 100), ("bad", 100)}

@@ -81,9 +81,10 @@ _RUN_FIELDS = frozenset(
     }
 )
 _RUN_LEAVES = frozenset({"dir", "path", "created"})  # locations and times at any depth
-# Groups a variant may lack (the T variant joins no side table): their fields are compared only
-# among the checkpoints that have them. Which side tables a run joins is the ablation itself; the
-# run list shows it.
+# Groups a variant may lack (the T variant joins no side table, and its frames, audio and knowledge
+# segments have length 0): their fields are compared only among the checkpoints that have them (a
+# value other than absent, 0, {} or null). Which side tables a run joins is the ablation itself;
+# the run list shows it.
 _OPTIONAL_GROUPS = ("side_tables", "text_lengths")
 _LOWER_IS_BETTER = re.compile(r"(rank|loss|perplexity|ppl)$")
 
@@ -164,7 +165,7 @@ def flatten_scores(record: Mapping[str, Any]) -> dict[str, float | None]:
                 continue
             elif _is_number(value):
                 out[prefix + key] = float(value)
-            elif value is None and prefix:
+            elif value is None:  # not computed (METEOR skipped): a column of "-"
                 out[prefix + key] = None
 
     for key, value in record.items():
@@ -300,6 +301,11 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _unused(value: Any) -> bool:
+    """Absent, null, {} or a length of 0 (False is a value: `random_init: False` is compared)."""
+    return value is _ABSENT or value is None or value == {} or (type(value) is int and value == 0)
+
+
 def _who(entries: Sequence[Entry], all_entries: Sequence[Entry]) -> str:
     """Names the checkpoints in `entries`: `run` for all of a run's, else `run@step,step`."""
     by_run: dict[str, list[int]] = collections.defaultdict(list)
@@ -336,7 +342,7 @@ def comparability_warnings(entries: Sequence[Entry]) -> list[str]:
             groups: dict[str, list[Entry]] = {}
             for e in section:
                 value = e.metadata.get(field, _ABSENT)
-                if optional and (value is _ABSENT or value == {}):
+                if optional and _unused(value):
                     continue
                 groups.setdefault(_short(value), []).append(e)
             if len(groups) > 1:
@@ -490,6 +496,8 @@ def plot(entries: Sequence[Entry], path: str, title: str = "", ncols: int = 4) -
     fig = Figure(figsize=(3.6 * ncols, 2.6 * nrows + 0.6), dpi=100, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, column in zip(axes, columns):
+        if all(e.scores.get(column) is None for e in entries):
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
         for i, run in enumerate(runs):
             points = sorted(
                 (e.step, e.scores[column])
