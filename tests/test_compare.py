@@ -143,11 +143,26 @@ def test_lower_is_better_and_missing_values_never_win(tmp_path):
     header, rows = table_rows(result.text, "[val] scores")
     meteor = header.index("meteor") - 2
     assert rows[("a", 5)][meteor] == "-"
-    assert rows[("b", 5)][meteor] == "3.00*"
+    assert rows[("b", 5)][meteor] == "3.00"  # the only value: compared with nothing
     assert rows[("a", 5)][header.index("mean_rank") - 2] == "41.00*"  # 50 - 9: lowest rank
     assert rows[("b", 5)][header.index("mean_rank") - 2] == "49.00"
     assert compare.lower_is_better("mean_rank") and compare.lower_is_better("val/loss")
     assert not compare.lower_is_better("recall@1")
+
+
+def test_best_is_chosen_among_the_printed_numbers():
+    def entry(step, x, y):
+        return compare.Entry("r", "r", "test", step, {"x": x, "y": y}, {}, "")
+
+    entries = [entry(1, 1.001, 0.0), entry(2, 1.004, 1e-9), entry(3, 0.5, 0.0)]
+    assert compare.best_values(entries, ["x", "y"]) == {"x": 1.0}
+    text = compare.format_table(entries, ["x", "y"])
+    assert text.splitlines() == [
+        "run  step     x      y",
+        "r       1  1.00*  0.00",
+        "r       2  1.00*  0.00",
+        "r       3  0.50   0.00",
+    ]
 
 
 def test_warns_when_metadata_differs_and_names_the_fields(tmp_path):
@@ -232,8 +247,8 @@ def test_splits_are_tabulated_apart_and_a_missing_split_is_reported(tmp_path):
     _, val_rows = table_rows(result.text, "[val] scores")
     _, test_rows = table_rows(result.text, "[test] scores")
     assert set(val_rows) == {("a", 10)} and set(test_rows) == {("a", 10), ("b", 10)}
-    # Alone in its table, a's val row is the best of every column.
-    assert all(cell.endswith("*") for cell in val_rows[("a", 10)])
+    # Alone in its table, a's val row is compared with nothing: no marks.
+    assert not any(cell.endswith("*") for cell in val_rows[("a", 10)])
     assert set(result.files) == {"markdown", "csv", "plot:test", "plot:val"}
 
 

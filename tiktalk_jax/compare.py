@@ -394,12 +394,21 @@ def column_groups(columns: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
+DECIMALS = 2  # of the tables; the best value is chosen among the numbers as printed
+
+
 def best_values(entries: Sequence[Entry], columns: Sequence[str]) -> dict[str, float]:
-    """Best value per column over `entries` (columns without any value are left out)."""
+    """Best value per column over `entries`, rounded to `DECIMALS`.
+
+    Left out: columns without any value, and columns where every row prints the same number
+    (a single row, or BLEU-4 at 0.00 everywhere), where a mark would say nothing.
+    """
     best = {}
     for column in columns:
-        values = [e.scores[column] for e in entries if e.scores.get(column) is not None]
-        if values:
+        values = {
+            round(e.scores[column], DECIMALS) for e in entries if e.scores.get(column) is not None
+        }
+        if len(values) > 1:
             best[column] = min(values) if lower_is_better(column) else max(values)
     return best
 
@@ -420,8 +429,8 @@ def format_table(entries: Sequence[Entry], columns: Sequence[str], markdown: boo
             if value is None:
                 row.append("-")
                 continue
-            cell = f"{value:.2f}"
-            if column in best and value == best[column]:
+            cell = f"{value:.{DECIMALS}f}"
+            if column in best and round(value, DECIMALS) == best[column]:
                 cell = f"**{cell}**" if markdown else f"{cell}*"
             row.append(cell)
         rows.append(row)
