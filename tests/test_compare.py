@@ -310,6 +310,20 @@ def test_csv_markdown_and_png_are_written(two_runs, tmp_path):
         assert (np.abs(pixels.astype(int) - color).sum(-1) < 30).sum() > 50
 
 
+def test_panel_layout_wraps_top_level_metrics_and_gives_each_group_a_row():
+    assert compare.panel_layout(["a", "b", "c", "d", "e"]) == (
+        2,
+        4,
+        [(0, 0, "a"), (0, 1, "b"), (0, 2, "c"), (0, 3, "d"), (1, 0, "e")],
+    )
+    columns = ["bleu4", "mean_rank", "per_kind/audio/mean_rank", "per_kind/vision/bleu4"]
+    assert compare.panel_layout(columns) == (
+        3,
+        2,
+        [(0, 0, "bleu4"), (0, 1, "mean_rank"), (1, 1, columns[2]), (2, 0, columns[3])],
+    )
+
+
 def test_out_defaults_to_the_first_workdir(two_runs):
     result = compare.compare(list(two_runs))
     assert os.path.dirname(result.files["csv"]) == two_runs[0]

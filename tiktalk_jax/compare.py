@@ -8,7 +8,7 @@ value of each column marked `*`) and writes into `--out` (default: the first wor
 
   compare.md           the same tables in markdown (best values in bold) and the warnings
   compare.csv          one row per (run, split, step), every metric, unformatted
-  compare_<split>.png  every metric over steps, one line per run
+  compare_<split>.png  every metric over steps, one line per run (a row per kind)
 
 A run is labelled by its workdir's name; when two names collide, by the `variant` of its
 config.json (or scores metadata), then by more of its path.
@@ -490,23 +490,49 @@ def write_csv(entries: Sequence[Entry], path: str) -> None:
 # -- Plot ---------------------------------------------------------------------------------------
 
 
-def plot(entries: Sequence[Entry], path: str, title: str = "", ncols: int = 4) -> None:
-    """A PNG with one panel per metric: value over checkpoint step, one line per run."""
+def panel_layout(
+    columns: Sequence[str], wrap: int = 4
+) -> tuple[int, int, list[tuple[int, int, str]]]:
+    """Where each metric's panel goes: `(nrows, ncols, [(row, col, column)])`.
+
+    Top-level metrics only: wrapped `wrap` to a row. With groups (per-kind scores): one row per
+    group ("" first), one column per metric name, so a column compares one metric across kinds.
+    """
+    groups = column_groups(columns)
+    if list(groups) == [""] or not groups:
+        ncols = max(1, min(wrap, len(columns)))
+        cells = [(k // ncols, k % ncols, c) for k, c in enumerate(columns)]
+        return max(1, math.ceil(len(columns) / ncols)), ncols, cells
+    leaves = list(dict.fromkeys(c.rpartition("/")[2] for c in columns))
+    cells = [
+        (r, leaves.index(c.rpartition("/")[2]), c)
+        for r, group_columns in enumerate(groups.values())
+        for c in group_columns
+    ]
+    return len(groups), len(leaves), cells
+
+
+def plot(entries: Sequence[Entry], path: str, title: str = "") -> None:
+    """A PNG with one panel per metric: value over checkpoint step, one line per run.
+
+    Metrics without any value (METEOR skipped) get no panel; the legend names them.
+    """
     # The object-oriented API needs no pyplot state and no backend switch: Figure.savefig draws
     # through the Agg canvas, so this is safe in a headless process that imported pyplot elsewhere.
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    columns = metric_columns(entries)
+    all_columns = metric_columns(entries)
+    columns = [c for c in all_columns if any(e.scores.get(c) is not None for e in entries)]
     runs = list(dict.fromkeys(e.run for e in entries))
-    nrows = max(1, math.ceil(len(columns) / ncols))
-    ncols = min(ncols, max(1, len(columns)))
-    fig = Figure(figsize=(3.6 * ncols, 2.6 * nrows + 0.6), dpi=100, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, column in zip(axes, columns):
-        if all(e.scores.get(column) is None for e in entries):
-            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+    nrows, ncols, cells = panel_layout(columns)
+    fig = Figure(figsize=(2.9 * ncols, 2.3 * nrows + 0.8), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    used = set()
+    for row, col, column in cells:
+        ax = axes[row, col]
+        used.add((row, col))
         for i, run in enumerate(runs):
             points = sorted(
                 (e.step, e.scores[column])
@@ -516,18 +542,29 @@ def plot(entries: Sequence[Entry], path: str, title: str = "", ncols: int = 4) -
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o", markersize=3, color=f"C{i % 10}", label=run)
-        ax.set_title(column + (" (lower is better)" if lower_is_better(column) else ""), fontsize=9)
+        group, _, leaf = column.rpartition("/")
+        name = f"{group.rpartition('/')[2]}: {leaf}" if group else leaf  # "vision: bleu4"
+        ax.set_title(name + (" (lower better)" if lower_is_better(column) else ""), fontsize=9)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in axes[len(columns) :]:
-        ax.set_visible(False)
+    for row in range(nrows):
+        for col in range(ncols):
+            if (row, col) not in used:
+                axes[row, col].set_visible(False)
     handles = [
         Line2D([], [], marker="o", markersize=3, color=f"C{i % 10}", label=run)
         for i, run in enumerate(runs)
     ]
+    missing = list(dict.fromkeys(c.rpartition("/")[2] for c in all_columns if c not in columns))
+    legend_title = "; ".join(
+        t for t in (title, missing and f"not computed: {', '.join(missing)}") if t
+    )
     fig.legend(
-        handles=handles, loc="outside upper center", ncols=min(len(runs), 6), title=title or None
+        handles=handles,
+        loc="outside upper center",
+        ncols=min(len(runs), 6),
+        title=legend_title or None,
     )
     fig.supxlabel("checkpoint step", fontsize=9)
     fig.savefig(path)
