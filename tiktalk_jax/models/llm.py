@@ -29,6 +29,10 @@ Loading. `from_pretrained` builds the module abstractly (shapes only), then read
 the (sharded, memory-mapped) safetensors checkpoint straight into its `NamedSharding` on the
 current mesh (logical axes -> mesh axes by `tiktalk_jax.sharding` rules): every device receives
 only its own slice and no host or device ever holds the whole model.
+
+The "llm" model family (end of this file; configs/llm_text.py): the paper's fine-tuned
+ChatGLM-6B text baseline, LoRA (or full) fine-tuning on the chat-style prompts of the "llm"
+formatter (llm_inputs.py), loss on the response tokens only.
 """
 
 from __future__ import annotations
@@ -37,17 +41,21 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tiktalk_jax import decoding, sharding
-from tiktalk_jax.models import hf_import, layers
+
+# llm_inputs registers the "llm" batch formatter with the input pipeline on import.
+from tiktalk_jax.models import hf_import, layers, llm_inputs, lora, registry
 
 Array = jax.Array
 
@@ -602,3 +610,272 @@ def from_pretrained(
     sd.check_all_used()
     hf_import.check_all_set(model, path)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The "llm" model family (tiktalk_jax/models/registry.py): the paper's fine-tuned ChatGLM-6B
+# text baseline as LoRA (or full) fine-tuning of a ported decoder on chat-style prompts.
+# --------------------------------------------------------------------------------------------
+
+# Shapes for random init, as HF config.json fields (`LlmConfig.from_hf`). The vocabulary is the
+# tokenizer's unless `config.model.vocab_size` is set (the 7B shapes keep their own).
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # Wide enough that a frozen random base gives logits LoRA can steer (CPU tests train
+        # adapters on it; at 0.02 its head is near uniform and the loss barely moves).
+        initializer_range=0.2,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    ),
+    # GLM-4-9B: ChatGLM-6B's successor (ChatGLM-6B itself, GLM-130B-style, is not ported).
+    "glm4-9b": dict(
+        model_type="glm",
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=1e4,
+        rms_norm_eps=1.5625e-7,
+    ),
+}
+
+# LoRA on every projection of the blocks (attention q/k/v/out, MLP gate/up/down).
+DEFAULT_LORA_TARGETS = r"attention/(query|key|value|out)$|mlp/(gate|up|down)$"
+
+
+def model_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The `config.model` section of the family.
+
+    Fields: name; init_from (a local HF checkpoint directory, loaded sharded onto the mesh; its
+    config.json wins over `shape`); shape (a `SHAPES` name for random init); vocab_size (None:
+    the tokenizer's, `llm_inputs.token_spec`); dtype (compute) / param_dtype (storage of the
+    base; LoRA matrices use lora.param_dtype); attention_impl ("auto" | "xla" | "cudnn"); remat
+    (recompute each block in the backward pass); lora.rank (0: no adapters, e.g. full
+    fine-tuning), lora.alpha, lora.targets (regex over module paths), lora.param_dtype.
+    """
+    placeholder = ml_collections.config_dict.placeholder
+    config = ml_collections.ConfigDict(
+        dict(
+            name="llm",
+            init_from=placeholder(str),
+            shape="tiny",
+            vocab_size=placeholder(int),
+            dtype="float32",
+            param_dtype="float32",
+            attention_impl="auto",
+            remat=False,
+            lora=dict(rank=8, alpha=16.0, targets=DEFAULT_LORA_TARGETS, param_dtype="float32"),
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def decode_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The family's default `config.decode` section (used when a config has none).
+
+    The paper gives no decoding settings for its LLM rows; this is the original BLIP-2's (beam 5,
+    at most 30 tokens), whose LLM is the same fine-tuned ChatGLM-6B. method: "greedy" | "beam" |
+    "sample" (temperature / top_k / top_p, seeded by `seed` and the batch's first record).
+    """
+    config = ml_collections.ConfigDict(
+        dict(
+            method="beam",
+            num_beams=5,
+            max_new_tokens=30,
+            length_penalty=1.0,
+            repetition_penalty=1.0,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            seed=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Llm:
+    """The family's model: `init_from` loaded onto the current mesh, or `shape` randomly
+    initialised; then LoRA adapters when `config.model.lora.rank > 0`. Which parameters train
+    is `config.frozen` (`lora.frozen_regex()` trains the adapters only)."""
+    m = config.model
+    spec = llm_inputs.token_spec(config)
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+    switches = dict(attention_impl=str(m.get("attention_impl", "auto")), remat=bool(m.remat))
+    if m.get("init_from"):
+        rules = tuple(tuple(r) for r in config.sharding.rules)
+        model = from_pretrained(
+            m.init_from, dtype, param_dtype=param_dtype, rules=rules, **switches
+        )
+    else:
+        if m.shape not in SHAPES:
+            raise ValueError(f"model.shape {m.shape!r} not in {sorted(SHAPES)}")
+        hf = dict(SHAPES[m.shape])
+        if m.get("vocab_size") or "vocab_size" not in hf:
+            hf["vocab_size"] = int(m.get("vocab_size") or spec.vocab_size)
+        hf.update(eos_token_id=list(spec.stop_ids), pad_token_id=spec.pad_id)
+        cfg = LlmConfig.from_hf(hf, **switches)
+        model = Llm(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if spec.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {spec.vocab_size} tokens, the model embeds "
+            f"{model.config.vocab_size}"
+        )
+    if int(m.lora.rank) > 0:
+        lora.apply(
+            model,
+            rank=int(m.lora.rank),
+            alpha=float(m.lora.alpha),
+            targets=m.lora.targets,
+            rngs=rngs,
+            param_dtype=jnp.dtype(m.lora.param_dtype),
+        )
+    return model
+
+
+def _joined(batch: Mapping[str, Array]) -> tuple[Array, Array, int, int]:
+    """`[prompt | response]` ids `int[B, Lc + Lr]` and mask (left-padded prompt, right-padded
+    response: the response follows the last real prompt token; positions count real tokens)."""
+    lc, lr = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    ids = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1)
+    mask = jnp.concatenate(
+        [batch["prompt_mask"].astype(bool), batch["response_mask"].astype(bool)], axis=1
+    )
+    return ids, mask, lc, lr
+
+
+def loss_fn(model: Llm, batch: Mapping[str, Array], rngs: nnx.Rngs | None = None):
+    """Next-token cross-entropy on the response tokens only (its words and end token), mean
+    over tokens of the examples with `example_mask`. Returns `(loss, {"token_accuracy",
+    "tokens"})`. These decoders have no dropout: `rngs` is unused."""
+    del rngs
+    ids, mask, lc, lr = _joined(batch)
+    hidden, _ = model.hidden_states(ids, mask)
+    # Only the Lr slots that predict a response token reach the vocabulary-sized head.
+    logits = model.logits(hidden[:, lc - 1 : lc + lr - 1]).astype(jnp.float32)
+    targets = batch["response_ids"]
+    w = batch["response_mask"].astype(jnp.float32)
+    if "example_mask" in batch:
+        w = w * batch["example_mask"].astype(jnp.float32)[:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    total = jnp.sum(w)
+    denom = jnp.maximum(total, 1.0)
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
+    return jnp.sum(ce * w) / denom, {"token_accuracy": acc, "tokens": total}
+
+
+def score_responses(
+    model: Llm, prompt_ids: Array, prompt_mask: Array, ids: Array, mask: Array
+) -> Array:
+    """Log-likelihood `float32[B, C]` of C responses per prompt, `sum_t log p(r_t | prompt,
+    r_<t)` over the real tokens of `ids: int[B, C, L]` (laid out like `response_ids`).
+
+    The prompt runs once per example; its cache is copied to the C candidates, which then run
+    in one call (logits `[B * C, L, V]`: chunk C for large vocabularies)."""
+    b, c, length = ids.shape
+    state = prefill(model, prompt_ids, prompt_mask, length)
+    state = _rows(state, jnp.repeat(jnp.arange(b), c))
+    flat, valid = ids.reshape(b * c, length), mask.reshape(b * c, length).astype(bool)
+    logits = [state.first_logits[:, None]]
+    if length > 1:
+        after, _ = model(flat[:, :-1], valid[:, :-1], cache=state.cache)
+        logits.append(after.astype(jnp.float32))
+    logp = jax.nn.log_softmax(jnp.concatenate(logits, axis=1))
+    target = jnp.take_along_axis(logp, flat[..., None], axis=2)[..., 0]
+    return jnp.sum(jnp.where(valid, target, 0.0), axis=1).reshape(b, c)
+
+
+def decode_settings(config: ml_collections.ConfigDict, model_config: LlmConfig):
+    """(search config, method, seed) from `config.decode` over `decode_config()`, ending at the
+    template's end token (and the tokenizer's eos)."""
+    spec = llm_inputs.token_spec(config)
+    d = decode_config()
+    d.update(dict(config.get("decode") or {}))
+    search = search_config(
+        model_config,
+        max_new_tokens=int(d.max_new_tokens),
+        num_beams=int(d.num_beams),
+        length_penalty=float(d.length_penalty),
+        repetition_penalty=float(d.repetition_penalty),
+        temperature=float(d.temperature),
+        top_k=int(d.top_k),
+        top_p=float(d.top_p),
+        bos_id=spec.pad_id,
+        pad_id=spec.pad_id,
+        eos_ids=spec.stop_ids,
+    )
+    return search, str(d.method), int(d.seed)
+
+
+def family_generate(model: Llm, batch: Mapping[str, Array], config) -> Array:
+    """Registry `generate`: `int32[B, max_new_tokens]` (the response, its end token, padding)
+    continuing `prompt_ids`. Traceable: jit it with `config` closed over."""
+    search, method, seed = decode_settings(config, model.config)
+    rng = None
+    if method == "sample":
+        first = jnp.asarray(batch["record_index"])[0] if "record_index" in batch else 0
+        rng = jax.random.fold_in(jax.random.key(seed), first)
+    out = generate(
+        model, batch["prompt_ids"], batch["prompt_mask"], cfg=search, method=method, rng=rng
+    )
+    return out.tokens
+
+
+def family_score(model: Llm, batch: Mapping[str, Array], config) -> Array:
+    """Registry `score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`.
+
+    Candidates come in the evaluator's layout `[CLS] r [SEP]`: the start slot is dropped (the
+    prompt already ends where a response starts) and the closing token is replaced by the
+    template's end token, so a candidate is scored as the formatter lays out a response."""
+    end = llm_inputs.token_spec(config).end_id
+    ids = jnp.asarray(batch["candidate_ids"])[..., 1:]
+    mask = jnp.asarray(batch["candidate_mask"])[..., 1:].astype(bool)
+    last = jnp.arange(ids.shape[-1]) == jnp.sum(mask, axis=-1, keepdims=True) - 1
+    ids = jnp.where(last & mask, end, ids)
+    return score_responses(model, batch["prompt_ids"], batch["prompt_mask"], ids, mask)
+
+
+registry.register(
+    registry.ModelFamily(
+        name="llm",
+        build=build,
+        loss_fn=loss_fn,
+        formatter=llm_inputs.FORMATTER,
+        frozen_source=lambda config: config.model.get("init_from"),
+        generate=family_generate,
+        score=family_score,
+    )
+)

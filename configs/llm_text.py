@@ -1,0 +1,131 @@
+r"""The paper's fine-tuned ChatGLM-6B text baseline: a decoder LLM fine-tuned on TikTalk text.
+
+    python -m tiktalk_jax.main --config=configs/llm_text.py:size=qwen2.5-7b,data_dir=DATA,\
+init_from=/ckpt/Qwen2.5-7B-Instruct,tokenizer=/ckpt/Qwen2.5-7B-Instruct \
+        --workdir=runs/llm_text [--config.mesh.tensor=2]
+    python -m tiktalk_jax.main --mode=eval --workdir=runs/llm_text [--eval_split=test]
+    # CPU smoke run on the bundled sample (random-init 2-layer decoder, trained vocabulary):
+    python -m tiktalk_jax.main --config=configs/llm_text.py:size=tiny,data_dir=DATA \
+        --workdir=/tmp/llm_tiny
+
+The config argument (comma-separated `key=value`):
+  size       tiny | qwen2.5-0.5b | qwen2.5-7b | glm4-9b (`llm.SHAPES`): the random-init shape
+             and the training settings (tiny: CPU tests; the others: the LLM settings below).
+             With init_from the checkpoint's config.json gives the shape.
+  lora       True (default): LoRA adapters on every block projection, the base frozen
+             (`config.frozen = lora.frozen_regex()`); False: full fine-tuning (no adapters,
+             nothing frozen, float32 master weights).
+  rank, alpha  LoRA rank and scale numerator (alpha / rank).
+  data_dir   TFDS data dir holding tiktalk/dialogues.
+  tokenizer  the checkpoint's local HF tokenizer directory (its chat template builds the
+             prompts, `llm_inputs`); unset: a WordPiece vocab trained on the train split and the
+             plain template.
+  init_from  local HF checkpoint directory (llama / qwen2 / qwen3 / glm), read sharded onto the
+             mesh; unset: random init of `size`.
+  kinds_file a `sample_kinds.json`: eval adds per-kind scores.
+Every field is also overridable as --config.x=y.
+
+The paper fine-tunes ChatGLM-6B on TikTalk text and gives no recipe; ChatGLM-6B itself (the
+GLM-130B-style architecture) is not ported, GLM-4 and the Qwen / Llama decoders are. Settings
+(size != tiny): the chat prompt of at most 224 tokens (title <= 32, the latest turns), response
+<= 32 tokens, global batch 32, bf16 compute, one epoch of the 363,589 train dialogues; LoRA:
+rank 8, alpha 16, q/k/v/out/gate/up/down, lr 2e-4, no weight decay, frozen bf16 base, blocks
+rematerialised in the backward pass; full fine-tuning: lr 1e-5, weight decay 0.01. Linear warmup
+(3% of the steps) then linear decay to 0, clipping 1.0. Decoding: beam 5, at most 30 tokens (the
+original BLIP-2's, whose LLM in the paper is this fine-tuned ChatGLM-6B). The per-device memory of
+the 7B LoRA step on 8 devices is in docs/scaling.md (benchmarks/llm_aot_memory.py).
+
+Evaluation reads hypotheses and retrieval candidates with the BERT vocabulary's conventions
+([SEP] ends a response, WordPiece pieces): it works with the trained vocabulary (size=tiny on the
+sample); a byte-level BPE tokenizer needs the evaluator to decode with the tokenizer itself.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+TRAIN_DIALOGUES = 363_589  # the paper's train split
+
+
+def _optional_str(value: str | None) -> ml_collections.FieldReference:
+    """A string field that may be None and stays overridable with --config.x=..."""
+    return ml_collections.FieldReference(value, field_type=str)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(
+        arg,
+        size="tiny",
+        lora=True,
+        rank=8,
+        alpha=16.0,
+        data_dir=None,
+        tokenizer=None,
+        init_from=None,
+        kinds_file=None,
+    )
+    from tiktalk_jax.models import llm, lora  # registers the family and the formatter
+
+    if args.size not in llm.SHAPES:
+        raise ValueError(f"size must be one of {sorted(llm.SHAPES)}, got {args.size!r}")
+    tiny = args.size == "tiny"
+
+    config = common.base_config()
+    config.model = llm.model_config(
+        shape=args.size,
+        dtype="float32" if tiny else "bfloat16",
+        # A frozen base is stored in the compute dtype; trained weights keep float32 masters.
+        param_dtype="bfloat16" if args.lora and not tiny else "float32",
+        remat=not tiny,
+    )
+    config.model.init_from = _optional_str(args.init_from)
+    config.model.lora.rank = int(args.rank) if args.lora else 0
+    config.model.lora.alpha = float(args.alpha)
+    config.frozen = lora.frozen_regex() if args.lora else ""
+
+    inp = config.input
+    inp.data_dir = _optional_str(args.data_dir)
+    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.train_split = "train"
+    inp.eval_splits = ("val",)
+    inp.max_title_len = 16 if tiny else 32
+    inp.max_context_len = 64 if tiny else 224
+    inp.max_response_len = 24 if tiny else 32
+    inp.num_references = 5
+    inp.batch_size = 16 if tiny else 32
+    inp.eval_batch_size = 16 if tiny else 32
+
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    epoch = TRAIN_DIALOGUES // inp.batch_size
+    opt = config.optim
+    if tiny:
+        config.total_steps = 200
+        opt.lr, opt.warmup_steps = 1e-2, 10
+    else:
+        config.total_steps = epoch
+        opt.lr = 2e-4 if args.lora else 1e-5
+        opt.warmup_steps = max(1, int(0.03 * config.total_steps))
+    opt.end_lr_fraction = 0.0
+    opt.weight_decay = 0.0 if args.lora else 0.01
+    opt.clip_norm = 1.0
+    config.log_every = 20 if tiny else 100
+    config.checkpoint_every = 100 if tiny else 1000
+    config.eval_every = 0 if tiny else 2000
+    config.keep_checkpoints = 3
+
+    config.decode = llm.decode_config()
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            split="test",
+            at_end=True,  # the train mode evaluates the final model on eval.split
+            tokenize="char",
+            skip_meteor=False,
+            num_negatives=95,
+            retrieval_seed=0,
+            score_chunk=20 if tiny else 5,
+            kinds_file=_optional_str(args.kinds_file),
+        )
+    )
+    return config

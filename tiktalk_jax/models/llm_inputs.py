@@ -1,0 +1,333 @@
+"""The `llm` batch formatter (numpy only): a chat-style prompt from the video title and the
+dialogue context, the response after it.
+
+Registered with the input pipeline as "llm" when this module is imported. Two templates:
+
+Chat template (the tokenizer has one, e.g. a Qwen2.5 / GLM-4 / Llama-3 chat checkpoint): the
+tokenizer's own template renders
+
+    system     SYSTEM_PROMPT (dropped if the template refuses a system turn)
+    user       USER_TEMPLATE: "视频标题：{title}\\n评论区对话：\\n{turn_1}\\n...\\n{turn_n}"
+    assistant  the generation prompt (`add_generation_prompt=True`)
+
+and the response is `{response}{end}`, `end` being the first token the template writes after an
+assistant message (Qwen: `<|im_end|>`; the tokenizer's eos when the template writes nothing).
+
+Plain template (no chat template: the WordPiece vocabulary trained on the data, or a base LLM):
+
+    {bos}视频标题：{title}{sep}{turn_1}{sep}...{turn_n}{sep}回复：      response: {response}{end}
+
+bos: [CLS] / the tokenizer's bos token (none if it has neither); sep: [SEP] (BERT
+normalizers drop newlines) else the tokenizer's "\\n"; end: the eos token, else [SEP]. With the
+trained vocabulary, end = [SEP] and pad = [PAD], which is where the evaluator stops reading.
+
+Both are assembled from token pieces: the template text around the title and the turns is
+rendered once with marker strings and tokenized once per formatter; an example's title and turns
+are tokenized alone (in one batched call) and spliced in. A BPE tokenizer may merge across a
+piece boundary differently when encoding the whole rendered string; the pieces always decode to
+that string.
+
+Outputs (B batch, Lc = max_context_len, Lr = max_response_len, R = num_references):
+  prompt_ids   int32[B, Lc], prompt_mask bool[B, Lc]   LEFT-padded: the prompt ends at slot
+               Lc - 1, next to the response, and generation continues every row from there.
+               The title keeps its first `max_title_len` tokens (default 32); then the most
+               recent turns that fit are kept (the latest alone too long: its end).
+  response_ids int32[B, Lr], response_mask bool[B, Lr]  `response end`, right-padded; a
+               truncated response keeps its end token. The loss is on these tokens only.
+  eval, when num_references > 0: references_ids int32[B, R, Lr], references_mask (all-padding
+    rows where a record has fewer responses), laid out like response_ids.
+
+Tokenizer. The input pipeline's loader (tiktalk_jax/tokenizer.py) builds BERT tokenizers; an
+LLM's own tokenizer (byte-level BPE, chat template) is read here with `AutoTokenizer` when
+`config.input.tokenizer` is a local HF directory (`tokenizer_for`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from tiktalk_jax import input_pipeline as ip
+from tiktalk_jax import tokenizer as tokenizer_lib
+
+FORMATTER = "llm"
+# The paper's LLM baseline is told what the data is; the wording is ours (the paper gives none).
+SYSTEM_PROMPT = "你是短视频评论区里的一位观众。根据视频标题和评论区的对话，写出下一条回复。"
+USER_TEMPLATE = "视频标题：{title}\n评论区对话：\n{context}"
+PLAIN_TITLE = "视频标题："
+PLAIN_REPLY = "回复："
+DEFAULT_MAX_TITLE_LEN = 32
+
+# Markers substituted into the template before it is split into pieces (private-use code
+# points: no chat template or tokenizer gives them a meaning).
+_TITLE, _CONTEXT, _RESPONSE = "\ue000TITLE\ue000", "\ue001CONTEXT\ue001", "\ue002RESPONSE\ue002"
+
+
+@functools.lru_cache(maxsize=4)
+def _auto_tokenizer(path: str) -> Any:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_for(input_config: ml_collections.ConfigDict, given: Any = None) -> Any:
+    """The tokenizer the `llm` formatter uses: `AutoTokenizer` of `input_config.tokenizer` when
+    it is a local HF directory, else `given` (the pipeline's: a vocab.txt or the trained one)."""
+    path = input_config.get("tokenizer")
+    if path and os.path.isdir(path):
+        return _auto_tokenizer(os.path.abspath(path))
+    if given is None:
+        raise ValueError("no tokenizer: pass the pipeline's, or set config.input.tokenizer")
+    return given
+
+
+def _backend(tokenizer: Any) -> Any:
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return _backend(tokenizer).encode(text, add_special_tokens=False).ids if text else []
+
+
+def _token_id(tokenizer: Any, *names: str) -> int | None:
+    """Id of the first of the tokenizer's named special tokens (`"eos_token"`, ...) it has."""
+    backend = _backend(tokenizer)
+    for name in names:
+        token = getattr(tokenizer, name, None) if name.endswith("_token") else name
+        if token:
+            i = backend.token_to_id(str(token))
+            if i is not None:
+                return int(i)
+    return None
+
+
+class Template(NamedTuple):
+    """The prompt as token pieces: `before_title title after_title turn (turn_sep turn)...
+    after_context`, then the response and `end_id`."""
+
+    before_title: tuple[int, ...]
+    after_title: tuple[int, ...]
+    turn_sep: tuple[int, ...]
+    after_context: tuple[int, ...]
+    end_id: int
+    pad_id: int
+    stop_ids: tuple[int, ...]  # generation stops at any of these (end_id first)
+    chat: bool  # rendered by the tokenizer's chat template
+    text: str  # the prompt with {title} and {context} placeholders (logs, docs)
+
+    @property
+    def fixed_len(self) -> int:
+        """Prompt tokens that are not title or turns (with one turn)."""
+        return len(self.before_title) + len(self.after_title) + len(self.after_context)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _chat_messages(tokenizer: Any, user: str) -> list[dict[str, str]]:
+    """System + user turns, or the user turn alone when the template rejects a system turn."""
+    with_system = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    try:
+        _render(tokenizer, with_system, True)
+        return with_system
+    except Exception:  # noqa: BLE001 - jinja templates raise whatever they like
+        return with_system[1:]
+
+
+def _chat_template(tokenizer: Any, pad_id: int) -> Template:
+    user = USER_TEMPLATE.format(title=_TITLE, context=_CONTEXT)
+    messages = _chat_messages(tokenizer, user)
+    prompt = _render(tokenizer, messages, True)
+    if prompt.count(_TITLE) != 1 or prompt.count(_CONTEXT) != 1:
+        raise ValueError("the chat template does not render the user message verbatim")
+    before, rest = prompt.split(_TITLE)
+    between, after = rest.split(_CONTEXT)
+    answered = _render(tokenizer, [*messages, {"role": "assistant", "content": _RESPONSE}], False)
+    closing = _encode(tokenizer, answered.split(_RESPONSE, 1)[1]) if _RESPONSE in answered else []
+    eos = _token_id(tokenizer, "eos_token")
+    end = closing[0] if closing else eos
+    if end is None:
+        raise ValueError("the chat template closes no assistant turn and there is no eos token")
+    stops = tuple(dict.fromkeys(i for i in (end, eos) if i is not None))
+    text = prompt.replace(_TITLE, "{title}").replace(_CONTEXT, "{context}")
+    return Template(
+        before_title=tuple(_encode(tokenizer, before)),
+        after_title=tuple(_encode(tokenizer, between)),
+        turn_sep=tuple(_encode(tokenizer, "\n")),
+        after_context=tuple(_encode(tokenizer, after)),
+        end_id=int(end),
+        pad_id=pad_id,
+        stop_ids=stops,
+        chat=True,
+        text=text,
+    )
+
+
+def _plain_template(tokenizer: Any, pad_id: int) -> Template:
+    bos = _token_id(tokenizer, "[CLS]", "bos_token")
+    sep_id = _token_id(tokenizer, "[SEP]")
+    sep = [sep_id] if sep_id is not None else _encode(tokenizer, "\n")
+    end = _token_id(tokenizer, "eos_token") if sep_id is None else sep_id
+    if end is None:
+        end = _token_id(tokenizer, "eos_token", "sep_token")
+    if end is None or not sep:
+        raise ValueError("the tokenizer has neither an eos nor a [SEP] token to end a response")
+    backend = _backend(tokenizer)
+    name = lambda ids: "".join(backend.id_to_token(i) for i in ids)  # noqa: E731
+    return Template(
+        before_title=tuple(([bos] if bos is not None else []) + _encode(tokenizer, PLAIN_TITLE)),
+        after_title=tuple(sep),
+        turn_sep=tuple(sep),
+        after_context=tuple(sep + _encode(tokenizer, PLAIN_REPLY)),
+        end_id=int(end),
+        pad_id=pad_id,
+        stop_ids=(int(end),),
+        chat=False,
+        text=(
+            f"{name([bos]) if bos is not None else ''}{PLAIN_TITLE}{{title}}{name(sep)}"
+            f"{{context}}{name(sep)}{PLAIN_REPLY}"
+        ),
+    )
+
+
+def make_template(tokenizer: Any) -> Template:
+    """The tokenizer's chat template as pieces when it has one, else the plain template."""
+    pad = _token_id(tokenizer, "[PAD]", "pad_token", "eos_token")
+    pad = 0 if pad is None else pad
+    if getattr(tokenizer, "chat_template", None):
+        return _chat_template(tokenizer, pad)
+    return _plain_template(tokenizer, pad)
+
+
+class TokenSpec(NamedTuple):
+    """What the model side needs from the tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    end_id: int
+    stop_ids: tuple[int, ...]
+
+
+def _trained_vocab_file(input_config: ml_collections.ConfigDict) -> str | None:
+    vocab_dir = input_config.get("vocab_dir")
+    if not vocab_dir:
+        try:
+            vocab_dir = ip.dataset_dir(input_config.get("data_dir"), input_config.dataset)
+        except FileNotFoundError:
+            return None
+    path = os.path.join(vocab_dir, tokenizer_lib.VOCAB_FILENAME)
+    return path if os.path.isfile(path) else None
+
+
+def token_spec(config: ml_collections.ConfigDict) -> TokenSpec:
+    """Vocabulary size and template ids of the tokenizer the pipeline gives `config`'s data:
+    `config.input.tokenizer` (a HF directory or a vocab.txt), else the vocab.txt trained for
+    the data, else (not trained yet) the trained vocabulary's conventions (special tokens first,
+    at most `config.input.vocab_size` tokens)."""
+    path = config.input.get("tokenizer")
+    if not path:
+        path = _trained_vocab_file(config.input)
+    if not path:
+        special = tokenizer_lib.SPECIAL_TOKENS
+        sep = special.index("[SEP]")
+        return TokenSpec(int(config.input.vocab_size), special.index("[PAD]"), sep, (sep,))
+    if os.path.isdir(path):
+        tok = _auto_tokenizer(os.path.abspath(path))
+    else:
+        tok = tokenizer_lib.tokenizer_from_vocab(path)
+    t = make_template(tok)
+    size = _backend(tok).get_vocab_size(with_added_tokens=True)
+    return TokenSpec(int(size), t.pad_id, t.end_id, t.stop_ids)
+
+
+@ip.register_formatter(FORMATTER, batched=True)
+class LlmFormatter:
+    """Batched formatter (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, *, train: bool):
+        self.tokenizer = tokenizer_for(config, tokenizer)
+        self.template = make_template(self.tokenizer)
+        self.lc = int(config.max_context_len)
+        self.lr = int(config.max_response_len)
+        self.max_title = int(config.get("max_title_len", DEFAULT_MAX_TITLE_LEN))
+        self.num_references = 0 if train else int(config.get("num_references", 0))
+        need = self.template.fixed_len + self.max_title + 1
+        if self.lc < need:
+            raise ValueError(
+                f"max_context_len {self.lc} leaves no room for the dialogue: the template takes "
+                f"{self.template.fixed_len} tokens and the title up to {self.max_title} "
+                f"(max_title_len); use at least {need}"
+            )
+        if self.lr < 2:
+            raise ValueError("max_response_len must be at least 2 (a token and the end)")
+        backend = _backend(self.tokenizer)
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+
+    def prompt(self, title: list[int], turns: list[list[int]]) -> list[int]:
+        """The prompt tokens of one example (at most Lc; see the module docstring)."""
+        t = self.template
+        title = title[: self.max_title]
+        budget = self.lc - t.fixed_len - len(title)
+        kept: list[list[int]] = []
+        for turn in reversed(turns):
+            cost = len(turn) + (len(t.turn_sep) if kept else 0)
+            if cost <= budget:
+                kept.append(turn)
+                budget -= cost
+            else:
+                if not kept:  # the latest turn alone is too long: keep its end
+                    kept.append(turn[len(turn) - budget :])
+                break
+        context: list[int] = []
+        for i, turn in enumerate(reversed(kept)):
+            context += [*t.turn_sep, *turn] if i else turn
+        return [*t.before_title, *title, *t.after_title, *context, *t.after_context]
+
+    def _response(self, tokens: list[int], out: np.ndarray) -> int:
+        ids = [*tokens[: self.lr - 1], self.template.end_id]
+        out[: len(ids)] = ids
+        return len(ids)
+
+    def __call__(self, records: Sequence[ip.Record]) -> dict[str, np.ndarray]:
+        n_refs = max(self.num_references, 1)
+        texts: list[str] = []
+        spans = []  # per record: (title index, n turns, n responses) into `texts`
+        for r in records:
+            turns = [ip.as_text(t) for t in r["context"]]
+            responses = [ip.as_text(t) for t in list(r["responses"])[:n_refs]]
+            spans.append((len(texts), len(turns), len(responses)))
+            texts += [ip.as_text(r.get("title", "")), *turns, *responses]
+        tokens = self._encode(texts)
+        b, pad = len(records), self.template.pad_id
+        prompt = np.full((b, self.lc), pad, np.int32)
+        prompt_len = np.zeros((b,), np.int32)
+        refs = np.full((b, n_refs, self.lr), pad, np.int32)
+        refs_len = np.zeros((b, n_refs), np.int32)
+        for i, (start, n_turns, n_resp) in enumerate(spans):
+            ids = self.prompt(tokens[start], tokens[start + 1 : start + 1 + n_turns])
+            prompt[i, self.lc - len(ids) :] = ids
+            prompt_len[i] = len(ids)
+            first = start + 1 + n_turns
+            for j in range(n_resp):
+                refs_len[i, j] = self._response(tokens[first + j], refs[i, j])
+        refs_mask = np.arange(self.lr) < refs_len[..., None]
+        batch = {
+            "prompt_ids": prompt,
+            "prompt_mask": np.arange(self.lc)[None, :] >= self.lc - prompt_len[:, None],
+            "response_ids": refs[:, 0].copy(),
+            "response_mask": refs_mask[:, 0].copy(),
+        }
+        if self.num_references:
+            batch["references_ids"], batch["references_mask"] = refs, refs_mask
+        return batch
