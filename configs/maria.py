@@ -29,8 +29,8 @@ batch 64, 20 epochs of the 363,589 train dialogues, 180 text tokens (response 40
 100 + knowledge 40), 50 frames and 50 audio windows; decoding: beam 5, at most 20 tokens,
 length penalty 0.3, repetition penalty 3.
 
-size=tiny: hidden 128, 2 layers, lr 1e-3; sized for the bundled sample (1082 train dialogues,
-4 frames and 4 audio windows per video) on CPU.
+size=tiny: hidden 128, 2 layers, lr 3e-3, 800 steps of 32; sized for the bundled sample (1082
+train dialogues, 4 frames and 4 audio windows per video) on CPU (docs/ablation.md).
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     epoch = TRAIN_DIALOGUES // inp.batch_size
     opt = config.optim
     if tiny:
-        config.total_steps = 300
-        opt.lr, opt.warmup_steps = 1e-3, 30
+        config.total_steps = 800
+        opt.lr, opt.warmup_steps = 3e-3, 50
     else:
         config.total_steps = 20 * epoch
         opt.lr, opt.warmup_steps = 3e-5, epoch
@@ -125,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opt.weight_decay = 0.05
     opt.clip_norm = 1.0
     config.log_every = 20 if tiny else 100
-    config.checkpoint_every = 100 if tiny else epoch
+    config.checkpoint_every = 400 if tiny else epoch
     config.eval_every = 0 if tiny else epoch
     config.keep_checkpoints = 3
 

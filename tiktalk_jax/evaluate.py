@@ -286,62 +286,82 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def run_model(
-    family: registry.ModelFamily,
-    model: nnx.Module,
-    config: ml_collections.ConfigDict,
-    dataset: Any,
-    mesh: jax.sharding.Mesh,
-    candidates: tuple[np.ndarray, np.ndarray] | None,
-    score_chunk: int,
-) -> dict[str, np.ndarray]:
-    """Generates (and scores candidates) for every batch of `dataset` under jit on `mesh`.
+def _chunks(ids: np.ndarray, mask: np.ndarray, size: int):
+    """`[B, C, R]` candidates in chunks of `size` along C: `(ids, mask, real count)`; the last
+    chunk is padded with copies of its first candidate so every call has one compiled shape."""
+    for start in range(0, ids.shape[1], size):
+        sub_ids, sub_mask = ids[:, start : start + size], mask[:, start : start + size]
+        n = sub_ids.shape[1]
+        if n < size:
+            pad = [(0, 0), (0, size - n), (0, 0)]
+            sub_ids, sub_mask = (
+                np.pad(sub_ids, pad, mode="edge"),
+                np.pad(sub_mask, pad, mode="edge"),
+            )
+        yield sub_ids, sub_mask, n
 
-    `candidates`: `(ids int32[N, C, R], mask)` indexed by the split's record index, or None.
-    Returns the global `record_index int[n]`, `tokens int[n, T]` and `scores float[n, C]` of
-    the real (non-padding) examples, in pipeline order.
+
+class ModelRunner:
+    """Runs a family's `generate` and `score` over eval batches under jit on `mesh`.
+
+    The jitted functions are kept for as long as models share one graph definition, so every
+    checkpoint of a run reuses one compilation.
     """
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def generate(state, batch):
-        return family.generate(nnx.merge(graphdef, state), batch, config)
+    def __init__(
+        self,
+        family: registry.ModelFamily,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        candidates: tuple[np.ndarray, np.ndarray] | None,
+        score_chunk: int,
+    ):
+        self.family, self.config, self.mesh = family, config, mesh
+        self.candidates, self.score_chunk = candidates, score_chunk
+        self._graphdef = None
 
-    @jax.jit
-    def score(state, batch):
-        return family.score(nnx.merge(graphdef, state), batch, config)
+    def _compile(self, graphdef: Any) -> None:
+        if self._graphdef is not None and graphdef == self._graphdef:
+            return
+        family, config = self.family, self.config
+        self._graphdef = graphdef
+        self._generate = jax.jit(
+            lambda state, batch: family.generate(nnx.merge(graphdef, state), batch, config)
+        )
+        self._score = jax.jit(
+            lambda state, batch: family.score(nnx.merge(graphdef, state), batch, config)
+        )
 
-    out = {"record_index": [], "tokens": [], "scores": [], "example_mask": []}
-    with jax.set_mesh(mesh):
-        for host_batch in dataset:
-            batch = input_pipeline.make_global(host_batch, mesh)
-            out["tokens"].append(_gather(generate(state, batch)))
-            out["record_index"].append(_gather(batch["record_index"]))
-            out["example_mask"].append(_gather(batch["example_mask"]))
-            if candidates is None:
-                continue
-            rows = np.maximum(host_batch["record_index"], 0)
-            ids, mask = candidates[0][rows], candidates[1][rows]
-            c = ids.shape[1]
-            chunks = []
-            for start in range(0, c, score_chunk):
-                sub_ids, sub_mask = (
-                    ids[:, start : start + score_chunk],
-                    mask[:, start : start + score_chunk],
-                )
-                short = score_chunk - sub_ids.shape[1]
-                if short:  # the last chunk keeps the compiled shape (padded, then dropped)
-                    sub_ids = np.concatenate([sub_ids, sub_ids[:, :1].repeat(short, 1)], axis=1)
-                    sub_mask = np.concatenate([sub_mask, sub_mask[:, :1].repeat(short, 1)], axis=1)
-                extra = input_pipeline.make_global(
-                    {"candidate_ids": sub_ids, "candidate_mask": sub_mask}, mesh
-                )
-                got = _gather(score(state, {**batch, **extra}))
-                chunks.append(got[:, : score_chunk - short])
-            out["scores"].append(np.concatenate(chunks, axis=1))
-    result = {k: np.concatenate(v) for k, v in out.items() if v}
-    keep = result.pop("example_mask").astype(bool)
-    return {k: v[keep] for k, v in result.items()}
+    def __call__(self, model: nnx.Module, dataset: Any) -> dict[str, np.ndarray]:
+        """Generates (and scores the candidates) for every batch of `dataset`.
+
+        `self.candidates`: `(ids int32[N, C, R], mask)` indexed by the split's record index, or
+        None. Returns the global `record_index int[n]`, `tokens int[n, T]` and
+        `scores float[n, C]` of the real (non-padding) examples, in pipeline order.
+        """
+        graphdef, state = nnx.split(model)
+        self._compile(graphdef)
+        mesh, candidates, score_chunk = self.mesh, self.candidates, self.score_chunk
+        generate, score = self._generate, self._score
+        out = {"record_index": [], "tokens": [], "scores": [], "example_mask": []}
+        with jax.set_mesh(mesh):
+            for host_batch in dataset:
+                batch = input_pipeline.make_global(host_batch, mesh)
+                out["tokens"].append(_gather(generate(state, batch)))
+                out["record_index"].append(_gather(batch["record_index"]))
+                out["example_mask"].append(_gather(batch["example_mask"]))
+                if candidates is None:
+                    continue
+                rows = np.maximum(host_batch["record_index"], 0)  # padding rows: any record
+                chunks = []
+                for ids, mask, n in _chunks(candidates[0][rows], candidates[1][rows], score_chunk):
+                    extra = {"candidate_ids": ids, "candidate_mask": mask}
+                    extra = input_pipeline.make_global(extra, mesh)
+                    chunks.append(_gather(score(state, {**batch, **extra}))[:, :n])
+                out["scores"].append(np.concatenate(chunks, axis=1))
+        result = {k: np.concatenate(v) for k, v in out.items() if v}
+        keep = result.pop("example_mask").astype(bool)
+        return {k: v[keep] for k, v in result.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +460,25 @@ def _scalars(split: str, scores: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
+def format_scores(scores: Mapping[str, Any]) -> str:
+    """A text table of one scores file: the whole split, then each reply kind."""
+    cols = [*metrics.METRIC_KEYS, *(f"recall@{k}" for k in metrics.RECALL_KS), "mean_rank"]
+    rows = [
+        ("all", scores["num_examples"], {**scores["nlg_scores"], **scores.get("retrieval", {})})
+    ]
+    for kind, values in scores.get("per_kind", {}).items():
+        rows.append((kind, values["num_examples"], values))
+    head = f"{scores['split']} step {scores['step']}"
+    lines = [f"{head:<16}{'n':>5}" + "".join(f"{c:>10}" for c in cols)]
+    for name, n, values in rows:
+        cells = [values.get(c) for c in cols]
+        lines.append(
+            f"{name:<16}{n:>5}"
+            + "".join(f"{'-':>10}" if v is None else f"{v:>10.2f}" for v in cells)
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points.
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +563,7 @@ def evaluate(
 
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     stop_ids = [backend.token_to_id(t) for t in ("[SEP]", "[PAD]")]
+    runner = ModelRunner(family, cfg, mesh, candidates, int(settings.score_chunk))
     side_info = _side_table_info(side.get(split, []))
     results = []
     writer = train.make_writer(workdir)
@@ -531,9 +571,7 @@ def evaluate(
         for step, loader in todo:
             m = model if loader is None else loader.load(step)
             start = datetime.datetime.now(datetime.UTC)
-            out = run_model(
-                family, m, cfg, datasets.evals[split], mesh, candidates, int(settings.score_chunk)
-            )
+            out = runner(m, datasets.evals[split])
             order = np.argsort(out["record_index"], kind="stable")
             index = out["record_index"][order]
             records = [source[int(i)] for i in index]
