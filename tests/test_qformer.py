@@ -83,6 +83,16 @@ def _images(b=3, n=5, seed=0):
     return embeds, mask
 
 
+@nnx.jit
+def _queries(model, embeds, mask):
+    return model(embeds, mask)
+
+
+@nnx.jit
+def _with_text(model, embeds, ids, text_mask):
+    return model(embeds, input_ids=ids, text_mask=text_mask)
+
+
 def _hf_queries(model, embeds, mask=None):
     with torch.no_grad():
         q = model.query_tokens.expand(embeds.shape[0], -1, -1)
@@ -98,7 +108,7 @@ def test_query_outputs_match_hf_with_and_without_image_mask(checkpoints, name):
     assert model.config.num_query_tokens == NUM_QUERIES
     assert model.config.encoder_hidden_size == VISION["hidden_size"]
     embeds, mask = _images()
-    forward = nnx.jit(lambda m, x, k: m(x, k))
+    forward = _queries
     got = np.asarray(forward(model, embeds, None))
     want = _hf_queries(hf, embeds)
     assert got.shape == (3, NUM_QUERIES, QFORMER["hidden_size"])
@@ -122,7 +132,7 @@ def test_text_path_matches_hf(checkpoints):
     ids = rng.integers(1, QFORMER["vocab_size"], (3, 7))
     text_mask = np.ones((3, 7), np.int64)
     text_mask[0, 4:] = 0
-    got = np.asarray(model(jnp.asarray(embeds), input_ids=ids, text_mask=text_mask))
+    got = np.asarray(_with_text(model, embeds, ids, text_mask))
     with torch.no_grad():
         q = hf.query_tokens.expand(3, -1, -1)
         e = hf.embeddings(input_ids=torch.tensor(ids), query_embeds=q)
@@ -139,9 +149,8 @@ def test_text_path_matches_hf(checkpoints):
     assert got.shape == want.shape == (3, NUM_QUERIES + 7, QFORMER["hidden_size"])
     np.testing.assert_allclose(got[valid], want[valid], atol=2e-5 * np.abs(want).max())
     # Text-only (no queries, no image): HF's query_length=0 path.
-    text_only = np.asarray(
-        model.encode(model.embeddings(jnp.asarray(ids)), text_mask, num_queries=0)
-    )
+    encode = nnx.jit(lambda m, i, k: m.encode(m.embeddings(i), k, num_queries=0))
+    text_only = np.asarray(encode(model, ids, text_mask))
     with torch.no_grad():
         e = hf.embeddings(input_ids=torch.tensor(ids))
         want = hf.qformer(
@@ -157,7 +166,7 @@ def test_projection_loaded_or_reinitialised_with_a_log_line(checkpoints, caplog)
     model = qformer.from_pretrained(path)  # the checkpoint's width (its LLM is 40 wide)
     with torch.no_grad():
         want = hf.language_projection(torch.tensor(_hf_queries(hf, embeds))).numpy()
-    got = np.asarray(model.project(model(jnp.asarray(embeds))))
+    got = np.asarray(nnx.jit(lambda m, x: m.project(m(x)))(model, embeds))
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
     same = qformer.from_pretrained(path, projection_features=TEXT["hidden_size"])
     np.testing.assert_array_equal(
@@ -170,7 +179,7 @@ def test_projection_loaded_or_reinitialised_with_a_log_line(checkpoints, caplog)
     assert other.language_projection.kernel.get_value().shape == (QFORMER["hidden_size"], 16)
     np.testing.assert_array_equal(other.language_projection.bias.get_value(), np.zeros(16))
     # Only the projection is new: the Q-Former itself is the checkpoint's.
-    np.testing.assert_allclose(np.asarray(other(jnp.asarray(embeds))), _hf_queries(hf, embeds),
+    np.testing.assert_allclose(np.asarray(_queries(other, embeds, None)), _hf_queries(hf, embeds),
                                atol=1e-4)  # fmt: skip
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -179,23 +188,32 @@ def test_projection_loaded_or_reinitialised_with_a_log_line(checkpoints, caplog)
     assert qformer.from_pretrained(checkpoints["itm"][0]).language_projection is None
 
 
-def test_structure_axes_and_dropout():
+def test_structure_axes_and_dropout(checkpoints):
     config = qformer.QFormerConfig(**QFORMER, encoder_hidden_size=24, num_query_tokens=4)
-    model = qformer.QFormer(config, projection_features=16, rngs=nnx.Rngs(0))
-    layers.check_param_axes(model)
-    assert [layer.cross_attention is not None for layer in model.layers] == [True, False, True]
-    assert model.layers[0].cross_attention.key.kernel.get_value().shape == (24, 4, 8)
-    assert model.layers[0].text_mlp is None and model.embeddings is None
-    queries = np.asarray(model.query_tokens.get_value())[0]
-    assert queries.std() > 0.01 and np.abs(queries[0] - queries[1]).max() > 0  # not all alike
-    x = jnp.ones((2, 5, 24))
-    model.eval()
-    a, b = model(x), model(x)
+    shapes = nnx.eval_shape(
+        lambda: qformer.QFormer(config, projection_features=16, rngs=nnx.Rngs(0))
+    )
+    layers.check_param_axes(shapes)
+    assert [layer.cross_attention is not None for layer in shapes.layers] == [True, False, True]
+    assert shapes.layers[0].cross_attention.key.kernel.get_value().shape == (24, 4, 8)
+    assert shapes.layers[0].text_mlp is None and shapes.embeddings is None
+    # Random init draws the queries from N(0, 0.02): distinct, so they can specialise.
+    small = qformer.QFormerConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        encoder_hidden_size=4, num_query_tokens=4,
+    )  # fmt: skip
+    init = nnx.jit(lambda: qformer.QFormer(small, rngs=nnx.Rngs(0)).query_tokens.get_value())
+    queries = np.asarray(init())[0]
+    assert 0.01 < queries.std() < 0.03 and np.abs(queries[0] - queries[1]).max() > 0
+
+    model = qformer.from_pretrained(checkpoints["gen"][0])  # eval mode, like HF
+    x, _ = _images()  # the shapes of the equivalence test: its compilation is reused
+    a, b = _queries(model, x, None), _queries(model, x, None)
     np.testing.assert_array_equal(a, b)
     model.train()
-    assert np.abs(np.asarray(model(x)) - np.asarray(a)).max() > 1e-3  # dropout is on
+    assert np.abs(np.asarray(_queries(model, x, None)) - np.asarray(a)).max() > 1e-3  # dropout
     with pytest.raises(ValueError, match="text embeddings"):
-        model(x, input_ids=jnp.ones((2, 3), jnp.int32))
+        model(x, input_ids=jnp.ones((3, 2), jnp.int32))
     cfg2 = qformer.QFormerConfig.from_hf(
         {"qformer_config": {"hidden_size": 64, "num_attention_heads": 4}, "num_query_tokens": 8,
          "vision_config": {"hidden_size": 40}}

@@ -16,6 +16,9 @@ the storage dtype):
                         features float[257, 1408]: the frames' tokens averaged (BLIP-2_Video);
                         image_features float[257, 1408]: one frame's tokens (BLIP-2_Img);
                         image_frame int32 (which frame), times float32[N], num_frames int32.
+                        With `frame_tokens=K` (BLIP-2's temporal variant) also
+                        frame_features float[min(K, N), 257, 1408]: the tokens of K frames spread
+                        evenly over the video (time order), frame_indices int32[min(K, N)].
   vggish                item: one 0.96 s log-mel example [96, 64].
                         features float[N, 128], times float32[N] (window starts, 0.96 * i).
   whisper[-size]        item: one 30 s log-mel chunk [80, 3000].
@@ -220,7 +223,14 @@ def _resnet(name, pretrained, seed, dtype, overrides) -> Encoder:
     )  # fmt: skip
 
 
-def _vit(name, pretrained, seed, dtype, overrides) -> Encoder:
+def spread_frames(n: int, k: int) -> np.ndarray:
+    """`min(n, k)` frame indices spread evenly over `n` frames, in time order (all if n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    return np.round(np.linspace(0, n - 1, k)).astype(np.int64)
+
+
+def _vit(name, pretrained, seed, dtype, overrides, frame_tokens: int = 0) -> Encoder:
     from tiktalk_jax.models.vit import VisionConfig, VisionTransformer
 
     model = _load(VisionTransformer, VisionConfig, pretrained, seed, dtype, overrides)
@@ -230,27 +240,43 @@ def _vit(name, pretrained, seed, dtype, overrides) -> Encoder:
         # Seeded by the video, not by the order or host it was processed on.
         rng = np.random.default_rng([seed, zlib.crc32(video_id.encode("utf-8"))])
         k = int(rng.integers(n))
-        return {
+        record = {
             "features": out.mean(axis=0),
             "image_features": out[k],
             "image_frame": np.int32(k),
             "times": prep.context["times"],
             "num_frames": np.int32(n),
         }
+        if frame_tokens:
+            picked = spread_frames(n, frame_tokens)
+            record["frame_features"] = out[picked]
+            record["frame_indices"] = picked.astype(np.int32)
+        return record
 
     tokens, dim = model.config.num_patches + 1, model.feature_dim
+    fields = {
+        "features": dict(shape=[tokens, dim], doc="mean over frames (BLIP-2_Video)"),
+        "image_features": dict(shape=[tokens, dim], doc="one frame (BLIP-2_Img)"),
+        "image_frame": dict(shape=[], dtype="int32", doc="index of that frame"),
+        "times": dict(shape=[None], dtype="float32", doc="frame times in seconds"),
+        "num_frames": dict(shape=[], dtype="int32", doc="frames averaged"),
+    }
+    stored, extra = ("features", "image_features"), {}
+    if frame_tokens:
+        stored += ("frame_features",)
+        # Recorded only when used, so datasets extracted before the option existed still resume.
+        extra["frame_tokens"] = frame_tokens
+        fields["frame_features"] = dict(
+            shape=[None, tokens, dim],
+            doc=f"tokens of up to {frame_tokens} frames spread over the video (BLIP-2 temporal)",
+        )
+        fields["frame_indices"] = dict(shape=[None], dtype="int32", doc="which frames")
     return _image_encoder(
         name, model, pretrained, "blip2",
         forward=lambda m, x: m(x).last_hidden_state, assemble=assemble,
-        feature_fields=("features", "image_features"), default_batch_size=32,
+        feature_fields=stored, default_batch_size=32,
         image_frame=f"default_rng([{seed}, crc32(video_id)]).integers(num_frames)",
-        fields={
-            "features": dict(shape=[tokens, dim], doc="mean over frames (BLIP-2_Video)"),
-            "image_features": dict(shape=[tokens, dim], doc="one frame (BLIP-2_Img)"),
-            "image_frame": dict(shape=[], dtype="int32", doc="index of that frame"),
-            "times": dict(shape=[None], dtype="float32", doc="frame times in seconds"),
-            "num_frames": dict(shape=[], dtype="int32", doc="frames averaged"),
-        },
+        fields=fields, **extra,
     )  # fmt: skip
 
 
@@ -400,6 +426,7 @@ def build_encoder(
     seed: int = 0,
     dtype: str = "float32",
     model_config: Mapping[str, Any] | None = None,
+    frame_tokens: int = 0,
 ) -> Encoder:
     """The named encoder, from `pretrained` or (loudly) a seeded random init.
 
@@ -409,13 +436,19 @@ def build_encoder(
       seed: the random-init seed (and the BLIP-2_Img frame choice).
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       model_config: overrides of the random-init model config (tiny models for tests).
+      frame_tokens: vit_g only: also store the tokens of this many frames per video
+        (`frame_features`, for BLIP-2's temporal variant); 0 = not stored.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in (model_config or {}).items()}
     if pretrained and overrides:
         raise ValueError("model_config overrides only apply to a random-init encoder")
-    encoder = _family(name)(name, pretrained, seed, DTYPES[dtype], overrides)
+    family = _family(name)
+    if frame_tokens < 0 or (frame_tokens and family is not _vit):
+        raise ValueError(f"frame_tokens={frame_tokens}: a count >= 0, and only for vit_g")
+    extra = {"frame_tokens": int(frame_tokens)} if frame_tokens else {}
+    encoder = family(name, pretrained, seed, DTYPES[dtype], overrides, **extra)
     info = weights_info(pretrained, seed)
     if info["random_init"]:
         logging.warning("%s\n%s\n%s", "!" * 80, f"{name}: {RANDOM_INIT_WARNING}", "!" * 80)

@@ -3,6 +3,7 @@
     python -m tiktalk_jax.extract --encoder=resnet101 --pretrained=/ckpt/resnet-101 \
         --data_dir=~/tensorflow_datasets --out_dir=/data/features/resnet101 [--split=train,val]
         [--batch_size=64] [--dtype=bfloat16] [--storage_dtype=bfloat16] [--shard_size=256]
+        [--frame_tokens=8 (vit_g: per-frame tokens for BLIP-2's temporal variant)]
 
 Encoders: resnet18..resnet152, vit_g (EVA ViT-g/14), vggish, whisper[-size]; their
 preprocessing and the arrays of their records are documented in `tiktalk_jax.encoders`.
@@ -344,7 +345,7 @@ def extract_split(
 
 # Metadata fields that must match for a re-run to add to an existing features dataset.
 _FINGERPRINT = ("encoder", "weights", "sha256", "seed", "compute_dtype", "storage_dtype",
-                "model_config", "preprocessing", "media_dir")  # fmt: skip
+                "model_config", "preprocessing", "media_dir", "frame_tokens")  # fmt: skip
 
 
 def _check_or_write_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
@@ -491,6 +492,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "Random-init seed; seed of the BLIP-2_Img frame.", **f)
     flags.DEFINE_string("model_config", None, "JSON overrides of a random-init config.", **f)
     flags.DEFINE_bool("progress", True, "Show a progress bar.", **f)
+    flags.DEFINE_integer(
+        "frame_tokens", 0, "vit_g: also store the tokens of this many frames per video "
+        "(frame_features, BLIP-2 temporal variant); 0 = off.", **f,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> dict[str, Any] | None:
@@ -514,6 +519,7 @@ def main(argv: Sequence[str]) -> dict[str, Any] | None:
     encoder = encoders.build_encoder(
         fv.encoder, fv.pretrained, seed=fv.seed, dtype=fv.dtype,
         model_config=json.loads(fv.model_config) if fv.model_config else None,
+        frame_tokens=fv.frame_tokens,
     )  # fmt: skip
     report = extract_dataset(
         encoder, {s: open_media(version_dir, s) for s in splits}, out_dir,

@@ -1,0 +1,149 @@
+r"""BLIP-2 on TikTalk: a Q-Former adapter to the frozen (text-fine-tuned) LLM; Img, Video, temporal.
+
+    # features: EVA ViT-g tokens (add --frame_tokens=8 for the temporal variant)
+    python -m tiktalk_jax.extract --encoder=vit_g --pretrained=/ckpt/blip2-opt-2.7b \
+        --data_dir=DATA --storage_dtype=bfloat16 --frame_tokens=8
+    python -m tiktalk_jax.main --config=configs/blip2.py:variant=video,size=qwen2.5-7b,\
+data_dir=DATA,llm=/ckpt/llm_text_merged,tokenizer=/ckpt/llm_text_merged,\
+qformer=/ckpt/blip2-opt-2.7b --workdir=runs/blip2_video
+    python -m tiktalk_jax.main --mode=eval --workdir=runs/blip2_video [--eval_split=test]
+    # CPU smoke run on the bundled sample (tiny random-init ViT, Q-Former and LLM):
+    python -m tiktalk_jax.extract --encoder=vit_g --data_dir=DATA --frame_tokens=4 \
+        --model_config='{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4}'
+    python -m tiktalk_jax.main --config=configs/blip2.py:variant=temporal,size=tiny,\
+data_dir=DATA --workdir=/tmp/blip2_tiny
+
+The config argument (comma-separated `key=value`):
+  variant    img (one stored frame: BLIP-2_Img) | video (frames averaged: BLIP-2_Video) |
+             temporal (F frames with learned frame positions; beyond the paper).
+  size       the LLM: tiny | qwen2.5-0.5b | qwen2.5-7b | glm4-9b (`llm.SHAPES`, random init
+             when `llm` is unset) and the settings below; tiny also makes the Q-Former tiny.
+  data_dir   TFDS data dir holding tiktalk/dialogues.
+  visual_dir the vit_g features dataset (default DATA_DIR/features/vit_g, the extract CLI's).
+  visual_dim the features' width (ViT-g: 1408; tiny default 64, the smoke run's ViT).
+  frames     temporal: frames per example F (default 8; tiny 4, the sample's 4 s videos at 1 fps).
+  llm        local HF checkpoint of the LLM, normally the `llm` family's fine-tuned model
+             exported with its LoRA merged (the paper: ChatGLM-6B fine-tuned on TikTalk text).
+  tokenizer  that LLM's tokenizer directory (its chat template builds the prompts, llm_inputs);
+             unset: a WordPiece vocab trained on the train split and the plain template.
+  qformer    local HF BLIP-2 directory to take the Q-Former, queries (and, when its LLM has our
+             width, the projection) from; unset: random init.
+  kinds_file a `sample_kinds.json`: eval adds per-kind scores (e.g. replies that need vision).
+Every field is also overridable as --config.x=y.
+
+The paper gives no BLIP-2 training recipe; these follow BLIP-2's second stage (the LLM frozen,
+AdamW with weight decay 0.05, peak lr 1e-4, 2,000 warmup steps; decay linear here, cosine there)
+with the `llm` baseline's data settings (prompt <= 224 tokens, response <= 32, global batch 32,
+one epoch) so the two differ by the visual prefix only. The Q-Former trains in float32, the
+frozen LLM is stored and run in bfloat16 and sharded over fsdp. Decoding: beam 5, at most 30
+tokens (the original BLIP-2's).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+TRAIN_DIALOGUES = 363_589  # the paper's train split
+VISUAL_TOKENS = 257  # 224 px / patch 14 -> 16 x 16 patches + the class token
+
+
+def _optional_str(value: str | None) -> ml_collections.FieldReference:
+    """A string field that may be None and stays overridable with --config.x=..."""
+    return ml_collections.FieldReference(value, field_type=str)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(
+        arg,
+        variant="video",
+        size="tiny",
+        data_dir=None,
+        visual_dir=None,
+        visual_dim=0,
+        frames=0,
+        llm=None,
+        tokenizer=None,
+        qformer=None,
+        kinds_file=None,
+    )
+    from tiktalk_jax.models import blip2, blip2_inputs, llm  # registers family and formatter
+
+    if args.variant not in blip2.VARIANTS:
+        raise ValueError(f"variant must be one of {blip2.VARIANTS}, got {args.variant!r}")
+    if args.size not in llm.SHAPES:
+        raise ValueError(f"size must be one of {sorted(llm.SHAPES)}, got {args.size!r}")
+    tiny = args.size == "tiny"
+
+    config = common.base_config()
+    config.model = blip2.model_config(variant=args.variant)
+    config.model.llm = llm.model_config(
+        shape=args.size,
+        dtype="float32" if tiny else "bfloat16",
+        param_dtype="float32" if tiny else "bfloat16",  # frozen: stored in the compute dtype
+        remat=not tiny,
+        lora=dict(rank=0),
+    )
+    config.model.llm.init_from = _optional_str(args.llm)
+    config.model.qformer.init_from = _optional_str(args.qformer)
+    if tiny:
+        config.model.qformer.update(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_query_tokens=8,
+        )
+    config.frozen = "^llm/"
+
+    inp = config.input
+    inp.data_dir = _optional_str(args.data_dir)
+    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.visual_dir = _optional_str(args.visual_dir)
+    inp.visual_field = blip2_inputs.VARIANT_FIELDS[args.variant]
+    inp.visual_tokens = VISUAL_TOKENS
+    inp.visual_dim = int(args.visual_dim) or (64 if tiny else 1408)
+    temporal = args.variant == "temporal"
+    inp.visual_frames = (int(args.frames) or (4 if tiny else 8)) if temporal else 1
+    inp.visual_dtype = "float32" if tiny else "bfloat16"
+    inp.train_split = "train"
+    inp.eval_splits = ("val",)
+    inp.max_title_len = 16 if tiny else 32
+    inp.max_context_len = 64 if tiny else 224
+    inp.max_response_len = 24 if tiny else 32
+    inp.num_references = 5
+    inp.batch_size = 16 if tiny else 32
+    inp.eval_batch_size = 16 if tiny else 32
+
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    opt = config.optim
+    if tiny:
+        config.total_steps = 200
+        opt.lr, opt.warmup_steps = 1e-3, 10
+    else:
+        config.total_steps = TRAIN_DIALOGUES // inp.batch_size
+        opt.lr, opt.warmup_steps = 1e-4, 2000
+    opt.end_lr_fraction = 0.0
+    opt.weight_decay = 0.05
+    opt.clip_norm = 1.0
+    config.log_every = 20 if tiny else 100
+    config.checkpoint_every = 100 if tiny else 1000
+    config.eval_every = 0 if tiny else 2000
+    config.keep_checkpoints = 3
+
+    config.decode = llm.decode_config()
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            split="test",
+            at_end=True,  # the train mode evaluates the final model on eval.split
+            tokenize="char",
+            skip_meteor=False,
+            num_negatives=95,
+            retrieval_seed=0,
+            score_chunk=20 if tiny else 5,
+            kinds_file=_optional_str(args.kinds_file),
+        )
+    )
+    return config

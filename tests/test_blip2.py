@@ -1,0 +1,387 @@
+"""BLIP-2 for dialogue: formatter, prefix masking, training through the shared loop on 8 devices
+(fsdp-sharded frozen LLM), generation and scoring vs the training forward, temporal positions,
+a pretrained Q-Former with a different LLM width, and the per-frame token extraction option."""
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from configs import blip2 as blip2_config
+from tiktalk_jax import encoders, optim, sharding, train
+from tiktalk_jax import input_pipeline as ip
+from tiktalk_jax import tokenizer as tokenizer_lib
+from tiktalk_jax.models import blip2, blip2_inputs, llm, llm_inputs, registry
+
+COLOURS = ("红色", "绿色", "蓝色", "黄色")
+TEXT = "好看这是什么颜色的哈视频标题回复" + "".join(COLOURS)
+N_TOKENS, DIM, FRAMES = 5, 12, 3
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def make_records(n, seed=0, frames=FRAMES):
+    """Dialogues whose answer is the video's colour, with their "visual" side record attached.
+
+    Colour c puts its prototype into ONE frame (the moment); the other frames are noise."""
+    rng = np.random.default_rng(seed)
+    prototypes = np.random.default_rng(123).normal(size=(len(COLOURS), DIM)).astype(np.float32)
+    records = []
+    for i in range(n):
+        c = int(rng.integers(len(COLOURS)))
+        tokens = 0.3 * rng.normal(size=(frames, N_TOKENS, DIM)).astype(np.float32)
+        moment = int(rng.integers(frames))
+        tokens[moment] += prototypes[c]
+        visual = dict(
+            video_id=f"v{i}",
+            features=tokens.mean(0),
+            image_features=tokens[moment],
+            frame_features=tokens,
+        )
+        records.append(
+            dict(
+                dialogue_id=f"v{i}/c{i}",
+                video_id=f"v{i}",
+                title="好看",
+                context=["这是什么颜色的"],
+                responses=[f"{COLOURS[c]}的"] * 5,
+                visual=visual,
+            )
+        )
+    return records
+
+
+def dialogues(records):
+    return [{k: v for k, v in r.items() if k != blip2_inputs.VISUAL} for r in records]
+
+
+def visual_table(records):
+    return ip.SideTable(blip2_inputs.VISUAL, [r["visual"] for r in records], key="video_id")
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab")
+    tokenizer_lib.load_tokenizer(None, str(path), texts=[TEXT], vocab_size=100)
+    return str(path)
+
+
+def tiny_config(variant, vocab_dir, **input_overrides):
+    config = blip2_config.get_config(f"variant={variant},size=tiny,visual_dim={DIM}")
+    inp = config.input
+    inp.update(
+        vocab_dir=vocab_dir,
+        visual_tokens=N_TOKENS,
+        max_title_len=4,
+        max_context_len=24,
+        max_response_len=6,
+        batch_size=8,
+        eval_splits=(),
+        num_references=0,
+    )
+    if variant == "temporal":
+        inp.visual_frames = FRAMES
+    inp.update(input_overrides)
+    config.model.qformer.update(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_query_tokens=4,
+    )  # fmt: skip
+    config.mesh.update(data=2, fsdp=4, tensor=1)
+    config.update(total_steps=10, log_every=1, checkpoint_every=100, async_checkpoints=False)
+    config.optim.update(lr=3e-3, warmup_steps=1)
+    return config
+
+
+def build(config):
+    return blip2.build(config, nnx.Rngs(int(config.seed)))
+
+
+def formatted(config, records, train=True):
+    tok = tokenizer_lib.load_tokenizer(None, config.input.vocab_dir)
+    return ip.get_formatter("blip2", config.input, tok, train=train)(records)
+
+
+def jit_with(model, fn, **static):
+    graphdef, state = nnx.split(model)
+    compiled = jax.jit(
+        lambda state, *args: fn(nnx.merge(graphdef, state), *args, **static),
+        compiler_options=FAST_COMPILE,
+    )
+    return lambda *args: compiled(state, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _response_logits(graphdef, state, batch):
+    return nnx.merge(graphdef, state).response_logits(batch)
+
+
+def response_logits(model, batch):
+    """Teacher-forced response logits (one compilation for every model of the same graph)."""
+    return np.asarray(_response_logits(*nnx.split(model), batch))
+
+
+def _params(model):
+    return {
+        sharding.path_str(k): np.asarray(v)
+        for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", blip2.VARIANTS)
+def test_formatter_adds_the_variants_frames_to_the_llm_formatters_text(vocab_dir, variant):
+    config = tiny_config(variant, vocab_dir, visual_frames=2 if variant == "temporal" else 1)
+    records = make_records(4, seed=1, frames=FRAMES)
+    records[3]["visual"] = dict(video_id="v3", features=np.zeros((0, DIM), np.float32))
+    batch = formatted(config, records)
+    tok = tokenizer_lib.load_tokenizer(None, vocab_dir)
+    text = llm_inputs.LlmFormatter(config.input, tok, train=True)(records)
+    for key, value in text.items():
+        np.testing.assert_array_equal(batch[key], value)
+    f = 2 if variant == "temporal" else 1
+    assert batch["visual"].shape == (4, f, N_TOKENS, DIM) and batch["visual"].dtype == np.float32
+    assert batch["visual_mask"].tolist() == [[True] * f] * 3 + [[False] * f]
+    assert not batch["visual"][3].any()
+    for i in range(3):
+        v = records[i]["visual"]
+        want = {
+            "img": v["image_features"][None],
+            "video": v["features"][None],
+            "temporal": v["frame_features"][[0, 2]],  # 3 frames -> 2 spread over the video
+        }[variant]
+        np.testing.assert_array_equal(batch["visual"][i], want)
+    with pytest.raises(KeyError, match="vit_g features"):
+        formatted(config, dialogues(records))
+
+
+@pytest.fixture(scope="module")
+def eval_model(vocab_dir):
+    config = tiny_config("temporal", vocab_dir)
+    model = build(config)
+    # Non-zero frame positions (they start at zero) and a larger projection make the prefix
+    # matter visibly to the random LLM.
+    pos = model.frame_positions
+    pos.set_value(jax.random.normal(jax.random.key(1), pos.get_value().shape))
+    proj = model.qformer.language_projection.kernel
+    proj.set_value(proj.get_value() * 50)
+    model.eval()
+    return config, model
+
+
+def test_no_frames_means_exactly_the_text_only_llm(eval_model):
+    config, model = eval_model
+    records = make_records(3, seed=2)
+    batch = formatted(config, records)
+    logits = response_logits(model, batch)
+    blind = dict(batch, visual_mask=np.zeros_like(batch["visual_mask"]))
+    blind_logits = response_logits(model, blind)
+    ids = np.concatenate([batch["prompt_ids"], batch["response_ids"]], 1)
+    mask = np.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+    text_only = np.asarray(jit_with(model.llm, lambda m, i, k: m(i, k))(ids, mask))
+    lc, lr = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    valid = batch["response_mask"]
+    np.testing.assert_allclose(
+        blind_logits[valid], text_only[:, lc - 1 : lc + lr - 1][valid], atol=1e-4
+    )
+    assert np.abs(logits - blind_logits)[valid].max() > 1e-2  # the frames are read
+
+
+def test_scores_and_greedy_generation_agree_with_the_training_forward(eval_model):
+    config, model = eval_model
+    batch = formatted(config, make_records(3, seed=3))
+    logits = response_logits(model, batch)
+    logp = jax.nn.log_softmax(logits)
+    ids, mask = batch["response_ids"], batch["response_mask"]
+    want = np.sum(np.where(mask, np.take_along_axis(logp, ids[..., None], 2)[..., 0], 0), 1)
+    # Candidates: the reference and a shuffled copy, scored with the prompt cache.
+    cands = np.stack([ids, ids[::-1]], 1)
+    cmask = np.stack([mask, mask[::-1]], 1)
+    got = np.asarray(jit_with(model, blip2.score_responses)(batch, cands, cmask))
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-4)
+    cfg = llm.search_config(model.llm.config, max_new_tokens=4)
+    out = jit_with(model, blip2.generate, cfg=cfg, method="greedy")(batch)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], logits[:, 0].argmax(-1))
+
+
+def test_frame_positions_make_frame_order_matter(eval_model, vocab_dir):
+    config, model = eval_model
+    batch = formatted(config, make_records(2, seed=4))
+    prefix = jit_with(model, lambda m, v, k: m.visual_prefix(v, k)[0])
+    swapped = batch["visual"][:, ::-1]
+    base = np.asarray(prefix(batch["visual"], batch["visual_mask"]))
+    assert np.abs(np.asarray(prefix(swapped, batch["visual_mask"])) - base).max() > 1e-3
+    # Without positions (img / video, or all-zero positions) the queries see a set of tokens.
+    model.frame_positions.set_value(jnp.zeros_like(model.frame_positions.get_value()))
+    prefix = jit_with(model, lambda m, v, k: m.visual_prefix(v, k)[0])
+    base = np.asarray(prefix(batch["visual"], batch["visual_mask"]))
+    np.testing.assert_allclose(
+        np.asarray(prefix(swapped, batch["visual_mask"])), base, rtol=1e-4, atol=1e-4
+    )
+
+
+def _capturing_family(store):
+    """The blip2 family under another name whose build also records the initial parameters
+    (the loop builds the model itself; building it again would cost a second random init)."""
+    family = registry.get("blip2")
+
+    def build(config, rngs):
+        model = family.build(config, rngs)
+        store.update(_params(model))
+        return model
+
+    return registry.register(
+        dataclasses.replace(family, name="blip2_capture", build=build), override=True
+    )
+
+
+def test_temporal_trains_through_the_loop_on_8_devices_only_the_adapter_changes(
+    vocab_dir, tmp_path
+):
+    before = {}
+    config = tiny_config("temporal", vocab_dir)
+    config.model.name = _capturing_family(before).name
+    config.input.formatter = "blip2"
+    records = make_records(32, seed=5)
+    data = ip.make_datasets(
+        config,
+        sources={"train": dialogues(records)},
+        side_tables={"train": [visual_table(records)]},
+        process_index=0,
+        process_count=1,
+    )
+    result = train.train_and_evaluate(config, str(tmp_path), datasets=data)
+    assert result.step == config.total_steps
+    losses = [m["train/loss"] for _, m in sorted(train.read_metrics(str(tmp_path)).items())]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+    after = _params(result.model)
+    assert set(after) == set(before)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    llm_paths = {k for k in before if k.startswith("llm/")}
+    assert llm_paths and not changed & llm_paths  # the LLM is frozen
+    adapter = set(before) - llm_paths
+    assert {"qformer/query_tokens", "qformer/language_projection/kernel", "frame_positions"} <= (
+        changed
+    )
+    # Every adapter parameter moves (key biases only by rounding: softmax ignores a per-query
+    # constant, so their exact gradient is zero).
+    assert {k for k in adapter if not k.endswith("key/bias")} <= changed
+    # The frozen LLM lives in fsdp shards.
+    spec = result.model.llm.layers[0].mlp.up.kernel.get_value().sharding.spec
+    assert "fsdp" in jax.tree.leaves(tuple(spec)), spec
+
+
+@pytest.mark.parametrize("variant", ["img", "video"])
+def test_img_and_video_train_with_falling_loss(eval_model, vocab_dir, variant):
+    config = tiny_config(variant, vocab_dir)
+    model = build(config)
+    assert model.frame_positions is None
+    frozen = {k: v for k, v in _params(model).items() if k.startswith("llm/")}
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=optim.trainable_filter(config.frozen))
+    batch = formatted(config, make_records(16, seed=7))
+    graphdef, state = nnx.split((model, optimizer))
+    diff = nnx.DiffState(0, optim.trainable_filter(config.frozen))
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def train_step(state):
+        model, optimizer = nnx.merge(graphdef, state)
+        grad_fn = nnx.value_and_grad(lambda m: blip2.loss_fn(m, batch), argnums=diff, has_aux=True)
+        (loss, _), grads = grad_fn(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    losses = []
+    for _ in range(10):
+        state, loss = train_step(state)
+        losses.append(float(loss))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+    model, _ = nnx.merge(graphdef, state)
+    after = _params(model)
+    assert all(np.array_equal(after[k], v) for k, v in frozen.items())
+
+
+def test_pretrained_qformer_feeds_an_llm_of_another_width(vocab_dir, tmp_path, caplog):
+    hf_config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=DIM, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        qformer_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32),
+        text_config=dict(model_type="llama", vocab_size=64, hidden_size=40, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+        num_query_tokens=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        hf.query_tokens.normal_()
+    hf.save_pretrained(tmp_path)
+    config = tiny_config("video", vocab_dir)
+    config.model.qformer.init_from = str(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = build(config)
+    assert "RE-INITIALISED" in caplog.text
+    assert model.num_queries == 3 and model.qformer.config.hidden_size == 16
+    np.testing.assert_allclose(
+        model.qformer.query_tokens.get_value(), hf.query_tokens.detach().numpy(), atol=1e-6
+    )
+    assert model.qformer.language_projection.kernel.get_value().shape == (16, 64)
+    batch = formatted(config, make_records(2, seed=6))
+    loss, aux = jit_with(model, blip2.loss_fn)(batch)
+    assert np.isfinite(float(loss)) and float(aux["tokens"]) == batch["response_mask"].sum()
+    config.input.visual_dim = DIM + 1
+    with pytest.raises(ValueError, match="visual_dim"):
+        blip2.build(config, nnx.Rngs(0))
+
+
+def test_extraction_option_stores_spread_frame_tokens(monkeypatch):
+    from tiktalk_jax.models import vit
+
+    # No weights are used here: build the encoder shape-only (a random init compiles a small
+    # program per parameter shape).
+    monkeypatch.setattr(
+        vit.VisionTransformer,
+        "from_config",
+        classmethod(lambda cls, cfg, **kw: nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))),
+    )
+    tiny = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    plain = encoders.build_encoder("vit_g", model_config=tiny)
+    assert "frame_features" not in plain.metadata["fields"]
+    assert "frame_tokens" not in plain.metadata  # old datasets still resume
+    enc = encoders.build_encoder("vit_g", model_config=tiny, frame_tokens=3)
+    assert enc.metadata["frame_tokens"] == 3
+    assert enc.metadata["fields"]["frame_features"]["shape"] == [None, 257, 8]
+    assert "frame_features" in enc.feature_fields
+    out = np.arange(7 * 2 * 8, dtype=np.float32).reshape(7, 2, 8)  # 7 frames of 2 tokens
+    prep = encoders.Prepared(out, {"times": np.arange(7, dtype=np.float32)})
+    record = enc.assemble("v0", prep, out)
+    np.testing.assert_array_equal(record["frame_indices"], [0, 3, 6])
+    np.testing.assert_array_equal(record["frame_features"], out[[0, 3, 6]])
+    short = enc.assemble("v1", prep, out[:2])
+    assert short["frame_features"].shape == (2, 2, 8)
+    with pytest.raises(ValueError, match="only for vit_g"):
+        encoders.build_encoder("vggish", frame_tokens=2)
+
+
+def test_side_tables_check_the_features_field(vocab_dir, tmp_path):
+    from tiktalk_jax import features
+
+    features.write_json(
+        str(tmp_path / features.METADATA_NAME),
+        {"fields": {"features": {"shape": [N_TOKENS, DIM]},
+                    "image_features": {"shape": [N_TOKENS, DIM]}}},
+    )  # fmt: skip
+    config = tiny_config("temporal", vocab_dir, visual_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="frame_tokens"):
+        blip2.side_tables(config)
+    config = tiny_config("video", vocab_dir, visual_dir=str(tmp_path), visual_tokens=257)
+    with pytest.raises(ValueError, match="visual_tokens"):
+        blip2.side_tables(config)
