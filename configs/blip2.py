@@ -3,16 +3,20 @@ r"""BLIP-2 on TikTalk: a Q-Former adapter to the frozen (text-fine-tuned) LLM; I
     # features: EVA ViT-g tokens (add --frame_tokens=8 for the temporal variant)
     python -m tiktalk_jax.extract --encoder=vit_g --pretrained=/ckpt/blip2-opt-2.7b \
         --data_dir=DATA --storage_dtype=bfloat16 --frame_tokens=8
+    python -m tiktalk_jax.main --config=configs/llm_text.py:size=qwen2.5-7b,data_dir=DATA,\
+init_from=/ckpt/Qwen2.5-7B-Instruct,tokenizer=/ckpt/Qwen2.5-7B-Instruct --workdir=runs/llm_text
     python -m tiktalk_jax.main --config=configs/blip2.py:variant=video,size=qwen2.5-7b,\
-data_dir=DATA,llm=/ckpt/llm_text_merged,tokenizer=/ckpt/llm_text_merged,\
+data_dir=DATA,llm_run=runs/llm_text,tokenizer=/ckpt/Qwen2.5-7B-Instruct,\
 qformer=/ckpt/blip2-opt-2.7b --workdir=runs/blip2_video
     python -m tiktalk_jax.main --mode=eval --workdir=runs/blip2_video [--eval_split=test]
     # CPU smoke run on the bundled sample (tiny random-init ViT, Q-Former and LLM):
     python -m tiktalk_jax.extract --encoder=vit_g --data_dir=DATA --frame_tokens=4 \
         --model_config='{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                          "num_attention_heads": 4}'
+    python -m tiktalk_jax.main --config=configs/llm_text.py:size=tiny,lora=false,data_dir=DATA \
+        --workdir=/tmp/llm_tiny
     python -m tiktalk_jax.main --config=configs/blip2.py:variant=temporal,size=tiny,\
-data_dir=DATA --workdir=/tmp/blip2_tiny
+data_dir=DATA,llm_run=/tmp/llm_tiny --workdir=/tmp/blip2_tiny
 
 The config argument (comma-separated `key=value`):
   variant    img (one stored frame: BLIP-2_Img) | video (frames averaged: BLIP-2_Video) |
@@ -23,8 +27,10 @@ The config argument (comma-separated `key=value`):
   visual_dir the vit_g features dataset (default DATA_DIR/features/vit_g, the extract CLI's).
   visual_dim the features' width (ViT-g: 1408; tiny default 64, the smoke run's ViT).
   frames     temporal: frames per example F (default 8; tiny 4, the sample's 4 s videos at 1 fps).
-  llm        local HF checkpoint of the LLM, normally the `llm` family's fine-tuned model
-             exported with its LoRA merged (the paper: ChatGLM-6B fine-tuned on TikTalk text).
+  llm        local HF checkpoint of the LLM (random init of `size` when unset).
+  llm_run    instead: the workdir of an `llm` family run (configs/llm_text.py) whose trained
+             LLM (latest checkpoint, LoRA merged) BLIP-2 freezes, as the paper freezes
+             ChatGLM-6B fine-tuned on TikTalk text; same data_dir / tokenizer as that run.
   tokenizer  that LLM's tokenizer directory (its chat template builds the prompts, llm_inputs);
              unset: a WordPiece vocab trained on the train split and the plain template.
   qformer    local HF BLIP-2 directory to take the Q-Former, queries (and, when its LLM has our
@@ -65,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         visual_dim=0,
         frames=0,
         llm=None,
+        llm_run=None,
         tokenizer=None,
         qformer=None,
         kinds_file=None,
@@ -87,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lora=dict(rank=0),
     )
     config.model.llm.init_from = _optional_str(args.llm)
+    config.model.llm_run = _optional_str(args.llm_run)
     config.model.qformer.init_from = _optional_str(args.qformer)
     if tiny:
         config.model.qformer.update(

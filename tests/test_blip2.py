@@ -243,11 +243,33 @@ def _capturing_family(store):
     )
 
 
+@pytest.fixture(scope="module")
+def llm_run(vocab_dir, tmp_path_factory):
+    """An `llm` family run (configs/llm_text.py, LoRA on a random-init base, 2 steps) on the
+    mesh the BLIP-2 runs use, as the paper fine-tunes its LLM on text before BLIP-2."""
+    from configs import llm_text
+
+    workdir = str(tmp_path_factory.mktemp("llm_run"))
+    run = llm_text.get_config("size=tiny,rank=2")
+    run.input.update(vocab_dir=vocab_dir, max_title_len=4, max_context_len=24,
+                     max_response_len=6, batch_size=8, eval_splits=())  # fmt: skip
+    run.mesh.update(data=2, fsdp=4, tensor=1)
+    run.update(total_steps=2, log_every=1, async_checkpoints=False)
+    run.eval.at_end = False
+    data = ip.make_datasets(run, sources={"train": dialogues(make_records(8, seed=9))},
+                            process_index=0, process_count=1)  # fmt: skip
+    train.train_and_evaluate(run, workdir, datasets=data)
+    return workdir
+
+
 def test_temporal_trains_through_the_loop_on_8_devices_only_the_adapter_changes(
-    vocab_dir, tmp_path
+    vocab_dir, llm_run, tmp_path
 ):
+    from tiktalk_jax import evaluate
+
     before = {}
     config = tiny_config("temporal", vocab_dir)
+    config.model.llm_run = llm_run  # the text-trained LLM, frozen
     config.model.name = _capturing_family(before).name
     config.input.formatter = "blip2"
     records = make_records(32, seed=5)
@@ -278,6 +300,27 @@ def test_temporal_trains_through_the_loop_on_8_devices_only_the_adapter_changes(
     # The frozen LLM lives in fsdp shards.
     spec = result.model.llm.layers[0].mlp.up.kernel.get_value().sharding.spec
     assert "fsdp" in jax.tree.leaves(tuple(spec)), spec
+    # ... and is the llm run's model, its LoRA adapters merged: same outputs, no adapters.
+    assert not any("lora" in k for k in after)
+    mesh = sharding.make_mesh(config.mesh)
+    trained = evaluate.ModelLoader(evaluate.load_config(llm_run), llm_run, mesh).load(2)
+    batch = formatted(config, records[:8])
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    with jax.set_mesh(mesh):
+        want = np.asarray(nnx.jit(lambda m: m(ids, mask))(trained))
+        got = np.asarray(nnx.jit(lambda m: m(ids, mask))(result.model.llm))
+    np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
+    assert registry.get("blip2").frozen_source(config) == llm_run
+
+
+def test_llm_run_with_another_tokenizer_is_refused(vocab_dir, llm_run, tmp_path):
+    config = tiny_config("video", str(tmp_path), vocab_size=7)  # no vocab.txt: another spec
+    config.model.llm_run = llm_run
+    with pytest.raises(ValueError, match="another tokenizer"):
+        blip2.llm_from_run(config, llm_run)
+    config.model.llm_run = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        blip2.llm_from_run(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("variant", ["img", "video"])

@@ -31,8 +31,9 @@ and query tokens are loaded; its language projection too when its LLM has the wi
 otherwise (the usual case: BLIP-2 was trained with OPT / Flan-T5, TikTalk uses a Chinese
 decoder) the projection is re-initialised and a log line says so. The LLM is
 `config.model.llm` (the `llm` family's section: a local HF checkpoint loaded straight into its
-fsdp shards, or a random-init shape), normally the text-only LLM fine-tuned on TikTalk first, as
-the paper does with ChatGLM-6B.
+fsdp shards, or a random-init shape) or the model an `llm` run trained (`config.model.llm_run`,
+its workdir; LoRA merged): normally the text-only LLM fine-tuned on TikTalk first, as the paper
+does with ChatGLM-6B.
 
 Generation runs `llm.generate` (cached greedy / beam / sampling) on the prefix + prompt
 embeddings; candidate scoring reuses one prompt cache per example for its candidates.
@@ -235,11 +236,13 @@ def qformer_config(**overrides: Any) -> ml_collections.ConfigDict:
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The `config.model` section: name, variant (img | video | temporal), qformer
     (`qformer_config`), llm (the `llm` family's section, `llm.model_config`, LoRA off: the LLM
-    is frozen), dtype / param_dtype of the Q-Former side."""
+    is frozen), llm_run (a workdir of an `llm` run whose trained LLM to use instead; `llm` is
+    then ignored), dtype / param_dtype of the Q-Former side."""
     config = ml_collections.ConfigDict(
         dict(
             name="blip2",
             variant="video",
+            llm_run=ml_collections.config_dict.placeholder(str),
             dtype="float32",
             param_dtype="float32",
             qformer=qformer_config(),
@@ -277,16 +280,52 @@ def _qformer_model(config: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs
     return qformer.QFormer(cfg, projection_features=width, rngs=rngs, **kw)
 
 
+def llm_from_run(config: ml_collections.ConfigDict, workdir: str) -> llm.Llm:
+    """The LLM an `llm` family run trained (its latest checkpoint in `workdir`), LoRA adapters
+    merged into the base, on the current mesh (else one device). Its tokenizer must be ours."""
+    from tiktalk_jax import evaluate, sharding
+    from tiktalk_jax.models import lora
+
+    run = evaluate.load_config(workdir)
+    if run.model.name != "llm":
+        raise ValueError(f"{workdir} is a {run.model.name!r} run, not an 'llm' run")
+    ours, theirs = llm_inputs.token_spec(config), llm_inputs.token_spec(run)
+    if ours != theirs or config.input.get("tokenizer") != run.input.get("tokenizer"):
+        raise ValueError(
+            f"{workdir} was trained with another tokenizer ({run.input.get('tokenizer')!r}, "
+            f"{theirs}) than this config's ({config.input.get('tokenizer')!r}, {ours})"
+        )
+    mesh = llm.current_mesh()
+    if mesh is None:
+        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    loader = evaluate.ModelLoader(run, workdir, mesh)
+    steps = loader.steps()
+    if not steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint")
+    model = loader.load(steps[-1])
+    merged = lora.merge(model)
+    logging.info(
+        "BLIP-2 LLM: step %d of the llm run %s (%d LoRA layers merged)", steps[-1], workdir,
+        len(merged),
+    )  # fmt: skip
+    return model
+
+
 def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Blip2Dialogue:
     """The family's model in training mode: the LLM as the `llm` family builds it (from
-    `config.model.llm.init_from` onto the current mesh, or a random-init shape), the Q-Former
-    from `config.model.qformer.init_from` or random init, the projection sized to the LLM."""
+    `config.model.llm.init_from` onto the current mesh, or a random-init shape) or as an `llm`
+    run trained it (`config.model.llm_run`, a workdir: the paper's text-fine-tuned LLM), the
+    Q-Former from `config.model.qformer.init_from` or random init, the projection sized to the
+    LLM."""
     m = config.model
     if m.variant not in VARIANTS:
         raise ValueError(f"model.variant {m.variant!r} not in {VARIANTS}")
     if int(m.llm.lora.rank) > 0:
         raise ValueError("BLIP-2 keeps its LLM frozen: set model.llm.lora.rank = 0")
-    llm_model = llm.build(_llm_section(config), rngs)
+    if m.get("llm_run"):
+        llm_model = llm_from_run(config, m.llm_run)
+    else:
+        llm_model = llm.build(_llm_section(config), rngs)
     qf = _qformer_model(config, llm_model.config.hidden_size, rngs)
     frames = int(config.input.visual_frames) if m.variant == "temporal" else 0
     return Blip2Dialogue(qf, llm_model, num_frames=frames, param_dtype=jnp.dtype(m.param_dtype))
@@ -381,7 +420,9 @@ registry.register(
         loss_fn=loss_fn,
         formatter=blip2_inputs.FORMATTER,
         # The frozen parameters are the LLM's.
-        frozen_source=lambda config: config.model.llm.get("init_from"),
+        frozen_source=lambda config: (
+            config.model.get("llm_run") or config.model.llm.get("init_from")
+        ),
         side_tables=side_tables,
         generate=family_generate,
         score=family_score,
