@@ -185,28 +185,29 @@ def _batch(rng, b=2, lc=7, lr=5):
     )  # fmt: skip
 
 
+@nnx.jit
 def _full_log_likelihood(model, batch):
     """Per-example sum of log p(response token) from one uncached forward pass."""
-    ids = np.concatenate([batch["prompt_ids"], batch["response_ids"]], 1)
-    mask = np.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
-    logp = jax.nn.log_softmax(model(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
+    ids = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], 1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+    logp = jax.nn.log_softmax(model(ids, mask).astype(jnp.float32))
     lc = batch["prompt_ids"].shape[1]
-    pred = np.asarray(logp[:, lc - 1 : -1])
-    tok = np.take_along_axis(pred, batch["response_ids"][..., None], 2)[..., 0]
-    return np.where(batch["response_mask"], tok, 0.0).sum(1)
+    tok = jnp.take_along_axis(logp[:, lc - 1 : -1], batch["response_ids"][..., None], 2)[..., 0]
+    return jnp.where(batch["response_mask"], tok, 0.0).sum(1)
 
 
 def test_loss_is_response_cross_entropy_and_scores_are_its_log_likelihood():
     model = llm.Llm(TINY, rngs=nnx.Rngs(0))
     batch = _batch(np.random.default_rng(0))
     ll = _full_log_likelihood(model, batch)
-    loss, aux = llm.loss_fn(model, batch)
+    loss_fn = nnx.jit(llm.loss_fn)
+    loss, aux = loss_fn(model, batch)
     assert aux["tokens"] == 8 and np.isclose(loss, -ll.sum() / 8, rtol=1e-5)
     # Padding ids never matter: change them and nothing moves.
     noisy = dict(batch)
     noisy["prompt_ids"] = np.where(batch["prompt_mask"], batch["prompt_ids"], 7)
     noisy["response_ids"] = np.where(batch["response_mask"], batch["response_ids"], 9)
-    assert np.isclose(llm.loss_fn(model, noisy)[0], loss, rtol=1e-6)
+    assert np.isclose(loss_fn(model, noisy)[0], loss, rtol=1e-6)
     # Candidates: the second example's response and a shorter one, scored through the cache.
     cand = np.stack([batch["response_ids"], batch["response_ids"][::-1]], 1)
     cand_mask = np.stack([batch["response_mask"], batch["response_mask"][::-1]], 1)
@@ -295,3 +296,44 @@ def test_full_fine_tuning_is_a_config_switch(data_dir):
     lora_config = llm_text.get_config(f"size=tiny,data_dir={data_dir}")
     lora_model = registry.get("llm").build(lora_config, nnx.Rngs(0))
     assert len(jax.tree.leaves(nnx.state(lora_model, nnx.LoRAParam))) == 28
+
+
+def test_chat_checkpoint_trains_through_the_loop(data_dir, tmp_path):
+    """A local HF Qwen2 checkpoint with a chat tokenizer: LoRA on the loaded (sharded) base, the
+    chat prompt, a few steps of the shared loop, then greedy generation ending at <|im_end|>."""
+    import torch
+
+    path = tmp_path / "qwen"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(chat_tokenizer(path, CHATML))
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            eos_token_id=hf_tok.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=False,
+        )
+    )  # fmt: skip
+    hf.save_pretrained(path)
+    config = llm_text.get_config(f"size=tiny,data_dir={data_dir},init_from={path},tokenizer={path}")
+    config.input.max_context_len, config.input.max_response_len = 256, 16
+    config.total_steps, config.log_every, config.async_checkpoints = 4, 2, False
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    loaded = np.asarray(hf.lm_head.weight.detach().numpy()).T
+    np.testing.assert_array_equal(np.asarray(result.model.lm_head.kernel.get_value()), loaded)
+    assert np.isfinite(result.metrics["loss"]) and result.step == 4
+
+    datasets = input_pipeline.make_datasets(config, train=False)
+    batch = next(iter(datasets.evals["val"]))
+    assert hf_tok.decode(batch["prompt_ids"][0][batch["prompt_mask"][0]]).startswith(
+        "<|im_start|>system\n"
+    )
+    config.decode.method, config.decode.max_new_tokens = "greedy", 6
+    family = registry.get("llm")
+    tokens = np.asarray(nnx.jit(lambda m, b: family.generate(m, b, config))(result.model, batch))
+    assert tokens.shape == (config.input.eval_batch_size, 6)
+    assert ((tokens >= 0) & (tokens < len(hf_tok))).all()
+    im_end, pad = hf_tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    for row in tokens:  # the words, then <|im_end|> once, then padding
+        ended = np.flatnonzero(row == im_end)
+        if ended.size:
+            assert (row[ended[0] + 1 :] == pad).all()

@@ -736,6 +736,9 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Llm:
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     switches = dict(attention_impl=str(m.get("attention_impl", "auto")), remat=bool(m.remat))
     if m.get("init_from"):
+        if not config.input.get("tokenizer"):
+            # A vocabulary trained on the data would not match the checkpoint's embeddings.
+            raise ValueError("init_from needs config.input.tokenizer (the checkpoint's own)")
         rules = tuple(tuple(r) for r in config.sharding.rules)
         model = from_pretrained(
             m.init_from, dtype, param_dtype=param_dtype, rules=rules, **switches

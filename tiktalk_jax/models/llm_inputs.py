@@ -175,9 +175,7 @@ def _plain_template(tokenizer: Any, pad_id: int) -> Template:
     bos = _token_id(tokenizer, "[CLS]", "bos_token")
     sep_id = _token_id(tokenizer, "[SEP]")
     sep = [sep_id] if sep_id is not None else _encode(tokenizer, "\n")
-    end = _token_id(tokenizer, "eos_token") if sep_id is None else sep_id
-    if end is None:
-        end = _token_id(tokenizer, "eos_token", "sep_token")
+    end = sep_id if sep_id is not None else _token_id(tokenizer, "eos_token")
     if end is None or not sep:
         raise ValueError("the tokenizer has neither an eos nor a [SEP] token to end a response")
     backend = _backend(tokenizer)
