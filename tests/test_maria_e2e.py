@@ -141,6 +141,29 @@ def test_eval_is_deterministic_and_matches_the_in_memory_model(trained, tmp_path
     assert strip(again.scores) == strip(first.scores)
 
 
+def test_side_tables_standardize_features_and_cover_videos_without_features(sample_data):
+    root, features = sample_data
+    config = tiny(root, features, "tva", 1)
+    tables = maria.side_tables(config)
+    assert sorted(tables) == ["train", "val"]  # the train split and config.input.eval_splits
+    frames, audio = tables["train"]
+    assert (frames.name, audio.name) == ("frames", "audio")
+    source = frames.source
+    rows = np.concatenate([source[i]["features"] for i in range(len(source))])
+    # Standardized with the train split's own statistics: zero mean, unit std per dimension
+    # (a dead ReLU channel of the random encoder stays constant: zero after centering).
+    np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-4)
+    std = rows.std(axis=0)
+    assert np.all((np.abs(std - 1) < 1e-3) | (std == 0)) and np.mean(std > 0) > 0.9
+    # The train video whose mp4 is truncated has no features: it answers with zero rows.
+    (missing,) = source.extra
+    assert source[frames.index()[missing]]["features"].shape == (0, features["frames"][1])
+    assert source.metadata["random_init"] and source.metadata["videos_without_features"] == 1
+    config.input.frame_dim = 7
+    with pytest.raises(ValueError, match="64-d but config.input.frame_dim=7"):
+        maria.side_tables(config)
+
+
 # XLA's lowest backend optimisation level: these tiny programs compile twice as fast.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 

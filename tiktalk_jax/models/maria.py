@@ -712,7 +712,6 @@ def variant_flags(variant: str) -> tuple[bool, bool, bool]:
 
 def family_tokenizer(config: Any) -> Any:
     """The tokenizer `input_pipeline.make_datasets` uses for `config` (same resolution)."""
-
     cfg = config.input
     vocab_dir = cfg.vocab_dir
     if not cfg.tokenizer and not vocab_dir:
@@ -833,8 +832,8 @@ class StandardizedFeatures(Sequence):
 
 @functools.lru_cache(maxsize=8)
 def feature_stats(features_dir: str, split: str, max_videos: int = _STATS_MAX_VIDEOS):
-    """Per-dimension mean and std `float32[D]` of the feature rows of (evenly spaced) videos
-    of `split`; a constant dimension gets std 1."""
+    """`(mean float32[D], std float32[D], videos read)` over the feature rows of (at most
+    `max_videos` evenly spaced) videos of `split`; a constant dimension gets std 1."""
     from tiktalk_jax import features as features_lib
 
     table = features_lib.FeatureTable(features_dir, split)
