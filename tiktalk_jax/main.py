@@ -305,6 +305,8 @@ def run_demo(
     print(comparison.text, flush=True)
     _banner("Per reply kind: does each kind's source of information help? (* = best)")
     print_ablation(results)
+    print("  docs/ablation.md: three seeds, all five variants, and why knowledge shows in the "
+          "retrieval ranks rather than in the replies")  # fmt: skip
     _banner("Generations next to references (test split)")
     print_generations({v: r.generations_path for v, r in results.items()})
     _banner("Done")
