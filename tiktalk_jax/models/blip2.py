@@ -50,13 +50,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 
 from tiktalk_jax import decoding, input_pipeline
 
 # blip2_inputs registers the "blip2" batch formatter with the input pipeline on import.
-from tiktalk_jax.models import blip2_inputs, layers, llm, llm_inputs, qformer, registry
+from tiktalk_jax.models import blip2_inputs, layers, llm, llm_inputs, losses, qformer, registry
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -148,14 +147,9 @@ def loss_fn(model: Blip2Dialogue, batch: Batch, rngs: nnx.Rngs | None = None):
     del rngs
     logits = model.response_logits(batch)
     targets = batch["response_ids"]
-    w = jnp.asarray(batch["response_mask"]).astype(jnp.float32)
-    if "example_mask" in batch:
-        w = w * jnp.asarray(batch["example_mask"]).astype(jnp.float32)[:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    total = jnp.sum(w)
-    denom = jnp.maximum(total, 1.0)
-    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
-    return jnp.sum(ce * w) / denom, {"token_accuracy": acc, "tokens": total}
+    return losses.response_cross_entropy(
+        logits, targets, batch["response_mask"], batch.get("example_mask")
+    )
 
 
 # --------------------------------------------------------------------------------------------

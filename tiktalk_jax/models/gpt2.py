@@ -39,13 +39,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from tiktalk_jax import decoding
 
 # gpt2_inputs registers the "gpt2" batch formatter with the input pipeline on import.
-from tiktalk_jax.models import gpt2_inputs, hf_import, layers, registry
+from tiktalk_jax.models import gpt2_inputs, hf_import, layers, losses, registry
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -342,14 +341,9 @@ def loss_fn(model: GPT2, batch: Batch, rngs: nnx.Rngs | Array | None = None):
     # Only the slots that predict a response token reach the (vocabulary-sized) head.
     logits = model.logits(hidden[:, lc : lc + lr - 1]).astype(jnp.float32)
     targets = batch["response_ids"][:, 1:]
-    w = batch["response_mask"][:, 1:].astype(jnp.float32)
-    if "example_mask" in batch:
-        w = w * batch["example_mask"].astype(jnp.float32)[:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    total = jnp.sum(w)
-    denom = jnp.maximum(total, 1.0)
-    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
-    return jnp.sum(ce * w) / denom, {"token_accuracy": acc, "tokens": total}
+    return losses.response_cross_entropy(
+        logits, targets, batch["response_mask"][:, 1:], batch.get("example_mask")
+    )
 
 
 # --------------------------------------------------------------------------------------------

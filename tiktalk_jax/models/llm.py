@@ -48,14 +48,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tiktalk_jax import decoding, sharding
 
 # llm_inputs registers the "llm" batch formatter with the input pipeline on import.
-from tiktalk_jax.models import hf_import, layers, llm_inputs, lora, registry
+from tiktalk_jax.models import hf_import, layers, llm_inputs, lora, losses, registry
 
 Array = jax.Array
 
@@ -790,14 +789,9 @@ def loss_fn(model: Llm, batch: Mapping[str, Array], rngs: nnx.Rngs | None = None
     # Only the Lr slots that predict a response token reach the vocabulary-sized head.
     logits = model.logits(hidden[:, lc - 1 : lc + lr - 1]).astype(jnp.float32)
     targets = batch["response_ids"]
-    w = batch["response_mask"].astype(jnp.float32)
-    if "example_mask" in batch:
-        w = w * batch["example_mask"].astype(jnp.float32)[:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    total = jnp.sum(w)
-    denom = jnp.maximum(total, 1.0)
-    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
-    return jnp.sum(ce * w) / denom, {"token_accuracy": acc, "tokens": total}
+    return losses.response_cross_entropy(
+        logits, targets, batch["response_mask"], batch.get("example_mask")
+    )
 
 
 def score_responses(
