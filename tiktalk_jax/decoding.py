@@ -18,11 +18,12 @@ transformers 2.x `generate`), vectorised over the batch:
   * beam search: log-softmax, add the beam's running sum, take the top `candidates_per_beam *
     num_beams` (word, beam) pairs of the example; walk them best first: a pair whose word is an
     end token (or any pair at the last step) closes a hypothesis, the others become the next
-    beams until `num_beams` are found. One hypothesis is kept per example (`num_keep_best` = 1):
-    the best by `sum_logprob / len ** length_penalty`, `len` counting the start token and the
-    words (not the end token). An example is done when its kept hypothesis scores at least the
-    best live candidate could: `best_sum / max_new_tokens ** length_penalty`. The loop stops when
-    every example is done or after `max_new_tokens` steps;
+    beams until `num_beams` are found. The `num_keep_best` best hypotheses are kept per example
+    (the original's `BeamHypotheses(num_keep_best)`; 1 by default, as Maria decodes), ranked by
+    `sum_logprob / len ** length_penalty`, `len` counting the start token and the words (not the
+    end token). An example is done when it keeps `num_keep_best` hypotheses and the worst of them
+    scores at least the best live candidate could: `best_sum / max_new_tokens ** length_penalty`.
+    The loop stops when every example is done or after `max_new_tokens` steps;
   * greedy: argmax of the penalised logits; a finished row appends `pad_id`; the score is the sum
     of the chosen tokens' log-probabilities (end token included);
   * sampling (`sample_search`, as HF's `do_sample=True` warpers): the penalised logits are divided
@@ -70,13 +71,17 @@ class SearchConfig:
     eos_ids: tuple[int, ...] = (102, 0)
     pad_id: int = 0
     candidates_per_beam: int = 2
+    # Beam search only: hypotheses returned per example (> 1: `SearchOutput` gains an axis).
+    num_keep_best: int = 1
     # Sampling only (`sample_search`).
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.candidates_per_beam < 1:
+        if min(self.max_new_tokens, self.num_beams, self.candidates_per_beam) < 1 or (
+            self.num_keep_best < 1
+        ):
             raise ValueError(f"invalid search config {self}")
         if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling settings in {self}")
@@ -85,7 +90,10 @@ class SearchConfig:
 class SearchOutput(NamedTuple):
     """tokens `int[B, max_new_tokens]`: the words, then `eos_ids[0]` when the hypothesis ended
     with an end token, then `pad_id`; lengths `int[B]`: words (end token excluded); scores
-    `float[B]`: beam: `sum_logprob / (1 + length) ** length_penalty`; greedy: `sum_logprob`."""
+    `float[B]`: beam: `sum_logprob / (1 + length) ** length_penalty`; greedy: `sum_logprob`.
+
+    Beam search with `num_keep_best = n > 1`: tokens `int[B, n, max_new_tokens]`, lengths and
+    scores `[B, n]`, best first; a slot no hypothesis reached has score -inf and length 0."""
 
     tokens: Array
     lengths: Array
@@ -158,6 +166,8 @@ def _token_by_token(
     choose: Callable[[Array, Array], tuple[Array, Array]],
 ) -> SearchOutput:
     """One token per row and step; `choose(logits, cur_len) -> (token, logprob)`."""
+    if cfg.num_keep_best != 1:
+        raise ValueError("num_keep_best > 1 needs beam search (greedy / sampling keep one)")
     steps = cfg.max_new_tokens
 
     def cond(carry):
@@ -229,11 +239,10 @@ class _BeamCarry(NamedTuple):
     tokens: Array  # int32[B*K, 1 + L]
     beam_scores: Array  # float32[B, K]: running sum of log-probabilities
     done: Array  # bool[B]
-    hyp_tokens: Array  # int32[B, 1 + L]: the kept hypothesis (start token included)
-    hyp_len: Array  # int32[B]: its length (start token included)
-    hyp_ended: Array  # bool[B]: closed by an end token (False: by the length limit)
-    hyp_score: Array  # float32[B]: its normalised score
-    has_hyp: Array  # bool[B]
+    hyp_tokens: Array  # int32[B, N, 1 + L]: kept hypotheses (start token included), best first
+    hyp_len: Array  # int32[B, N]: their lengths (start token included)
+    hyp_ended: Array  # bool[B, N]: closed by an end token (False: by the length limit)
+    hyp_score: Array  # float32[B, N]: their normalised scores (-inf: empty slot)
     state: State
 
 
@@ -247,6 +256,7 @@ def beam_search(
     """Beam search over `batch_size` examples; `state` holds `batch_size * num_beams` rows (beams
     of an example adjacent). See the module docstring for the algorithm."""
     b, k, steps = batch_size, cfg.num_beams, cfg.max_new_tokens
+    n_keep = cfg.num_keep_best
     n_cand = cfg.candidates_per_beam * k
     lp = cfg.length_penalty
     bound_den = float(steps) ** lp  # the original's (max_length - 1) ** length_penalty
@@ -264,7 +274,9 @@ def beam_search(
         top_scores, top_idx = jax.lax.top_k(logp.reshape(b, k * vocab), n_cand)  # [B, C]
         src_beam, word = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
 
-        done = c.done | (c.has_hyp & (c.hyp_score >= top_scores[:, 0] / bound_den))
+        full = jnp.all(jnp.isfinite(c.hyp_score), axis=1)
+        worst = c.hyp_score[:, -1]
+        done = c.done | (full & (worst >= top_scores[:, 0] / bound_den))
         eos = is_end(word, cfg.eos_ids)
         closes = eos | (c.cur_len == steps)
         live = ~closes
@@ -272,31 +284,35 @@ def beam_search(
         live_before = jnp.cumsum(live, axis=1) - live
         walked = live_before < k
 
-        # Hypotheses: the best closing candidate replaces the kept one if strictly better.
-        hyp_len = jnp.where(eos, c.cur_len, c.cur_len + 1)
-        norm = jnp.where(walked & closes, top_scores / hyp_len.astype(jnp.float32) ** lp, -jnp.inf)
-        j = jnp.argmax(norm, axis=1)
-        best = jnp.take_along_axis(norm, j[:, None], axis=1)[:, 0]
-        take = jnp.isfinite(best) & ~done & (~c.has_hyp | (best > c.hyp_score))
-        j_beam = jnp.take_along_axis(src_beam, j[:, None], axis=1)[:, 0]
-        j_word = jnp.take_along_axis(word, j[:, None], axis=1)[:, 0]
-        j_eos = jnp.take_along_axis(eos, j[:, None], axis=1)[:, 0]
-        rows = c.tokens[jnp.arange(b) * k + j_beam]
-        slot = jnp.arange(steps + 1)[None, :] == c.cur_len
-        rows = jnp.where(slot & ~j_eos[:, None], j_word[:, None], rows)
-        hyp_tokens = jnp.where(take[:, None], rows, c.hyp_tokens)
-        hyp_len = jnp.where(take, jnp.where(j_eos, c.cur_len, c.cur_len + 1), c.hyp_len)
-        hyp_ended = jnp.where(take, j_eos, c.hyp_ended)
-        hyp_score = jnp.where(take, best, c.hyp_score)
-        has_hyp = c.has_hyp | take
+        # Hypotheses: every walked closing candidate competes with the kept ones; the best
+        # n_keep stay. lax.top_k puts the lower index first among equal scores, so a kept
+        # hypothesis wins a tie against a new one, and earlier-walked candidates against later.
+        cand_len = jnp.where(eos, c.cur_len, c.cur_len + 1)
+        norm = top_scores / cand_len.astype(jnp.float32) ** lp
+        norm = jnp.where(walked & closes & ~done[:, None], norm, -jnp.inf)
+        rows = jnp.take_along_axis(
+            c.tokens.reshape(b, k, -1), src_beam[:, :, None], axis=1
+        )  # [B, C, 1 + L]
+        slot = jnp.arange(steps + 1)[None, None, :] == c.cur_len
+        rows = jnp.where(slot & ~eos[:, :, None], word[:, :, None], rows)
+        pool_score = jnp.concatenate([c.hyp_score, norm], axis=1)
+        best, keep = jax.lax.top_k(pool_score, n_keep)  # [B, N]
+        pick = lambda kept, new: jnp.take_along_axis(
+            jnp.concatenate([kept, new], axis=1),
+            keep.reshape(keep.shape + (1,) * (kept.ndim - 2)),
+            axis=1,
+        )
+        hyp_tokens = pick(c.hyp_tokens, rows)
+        hyp_len = pick(c.hyp_len, cand_len)
+        hyp_ended = pick(c.hyp_ended, eos)
 
         # Next beams: the first k live candidates (dead slots when fewer; done examples get
         # (score 0, pad, beam 0) as in the original).
-        pick = (walked & live)[:, None, :] & (
+        pick_live = (walked & live)[:, None, :] & (
             live_before[:, None, :] == jnp.arange(k)[None, :, None]
         )
-        found = jnp.any(pick, axis=2)  # [B, K]
-        idx = jnp.argmax(pick, axis=2)
+        found = jnp.any(pick_live, axis=2)  # [B, K]
+        idx = jnp.argmax(pick_live, axis=2)
         new_scores = jnp.where(found, jnp.take_along_axis(top_scores, idx, axis=1), _DEAD)
         new_words = jnp.where(found, jnp.take_along_axis(word, idx, axis=1), cfg.pad_id)
         new_src = jnp.where(found, jnp.take_along_axis(src_beam, idx, axis=1), 0)
@@ -317,8 +333,7 @@ def beam_search(
             hyp_tokens,
             hyp_len,
             hyp_ended,
-            hyp_score,
-            has_hyp,
+            best,
             reorder_fn(state, flat),
         )
 
@@ -328,14 +343,18 @@ def beam_search(
         _initial_tokens(b * k, cfg),
         beam_scores,
         jnp.zeros((b,), bool),
-        _initial_tokens(b, cfg),
-        jnp.ones((b,), jnp.int32),
-        jnp.zeros((b,), bool),
-        jnp.full((b,), -jnp.inf, jnp.float32),
-        jnp.zeros((b,), bool),
+        _initial_tokens(b * n_keep, cfg).reshape(b, n_keep, -1),
+        jnp.ones((b, n_keep), jnp.int32),
+        jnp.zeros((b, n_keep), bool),
+        jnp.full((b, n_keep), -jnp.inf, jnp.float32),
         state,
     )
     out = jax.lax.while_loop(cond, body, carry)
-    lengths = (out.hyp_len - 1).astype(jnp.int32)
-    tokens = _finish(out.hyp_tokens[:, 1:], lengths, out.hyp_ended, cfg)
-    return SearchOutput(tokens, lengths, out.hyp_score)
+    filled = jnp.isfinite(out.hyp_score)
+    lengths = jnp.where(filled, out.hyp_len - 1, 0).reshape(b * n_keep).astype(jnp.int32)
+    ended = (out.hyp_ended & filled).reshape(b * n_keep)
+    words = out.hyp_tokens[:, :, 1:].reshape(b * n_keep, steps)
+    tokens = _finish(words, lengths, ended, cfg)
+    if n_keep == 1:
+        return SearchOutput(tokens, lengths, out.hyp_score[:, 0])
+    return SearchOutput(tokens.reshape(b, n_keep, steps), lengths.reshape(b, n_keep), out.hyp_score)

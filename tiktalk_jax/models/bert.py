@@ -314,6 +314,42 @@ def load_hf_weights(model: BertModel, sd: hf_import.StateDict, prefix: str | Non
         _load_mlm_head(model, sd)
 
 
+def hf_state_dict(model: BertModel, prefix: str = "bert.") -> dict[str, np.ndarray]:
+    """The inverse of `load_hf_weights`: `model` as HF tensors (float32 numpy) by HF name, the
+    `BertForMaskedLM` layout with the default `prefix` (the MLM head, when the model has one, as
+    `cls.predictions.*`; tied decoder weights are not written, HF ties them on load)."""
+    p, emb = prefix, model.embeddings
+    out = {
+        f"{p}embeddings.{name}.weight": np.asarray(getattr(emb, name).embedding.value, np.float32)
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    }
+    out.update(hf_import.layer_norm_tensors(emb.norm, f"{p}embeddings.LayerNorm"))
+    for i, layer in enumerate(model.layers):
+        key = f"{p}encoder.layer.{i}"
+        att = layer.attention
+        for name, proj in (("query", att.query), ("key", att.key), ("value", att.value)):
+            out.update(hf_import.linear_tensors(proj, f"{key}.attention.self.{name}"))
+        out.update(hf_import.linear_tensors(att.out, f"{key}.attention.output.dense", in_dims=2))
+        out.update(
+            hf_import.layer_norm_tensors(layer.attention_norm, f"{key}.attention.output.LayerNorm")
+        )
+        out.update(hf_import.linear_tensors(layer.mlp.up, f"{key}.intermediate.dense"))
+        out.update(hf_import.linear_tensors(layer.mlp.down, f"{key}.output.dense"))
+        out.update(hf_import.layer_norm_tensors(layer.mlp_norm, f"{key}.output.LayerNorm"))
+    if model.pooler is not None:
+        out.update(hf_import.linear_tensors(model.pooler, f"{p}pooler.dense"))
+    if model.mlm is not None:
+        head, key = model.mlm, "cls.predictions"
+        out.update(hf_import.linear_tensors(head.dense, f"{key}.transform.dense"))
+        out.update(hf_import.layer_norm_tensors(head.norm, f"{key}.transform.LayerNorm"))
+        bias = np.asarray(head.bias.value, np.float32)
+        # transformers 5 reads `decoder.bias`; older versions `cls.predictions.bias`: write both.
+        out[f"{key}.bias"], out[f"{key}.decoder.bias"] = bias, bias.copy()
+        if head.decoder is not None:
+            out.update(hf_import.linear_tensors(head.decoder, f"{key}.decoder"))
+    return out
+
+
 def _load_mlm_head(model: BertModel, sd: hf_import.StateDict) -> None:
     head, key = model.mlm, "cls.predictions"
     hf_import.assign_linear(head.dense, sd, f"{key}.transform.dense")

@@ -183,6 +183,29 @@ def assign_layer_norm(
         assign(norm.bias, sd.get(f"{key}.{bias_name}"), f"{key}.{bias_name}")
 
 
+def linear_tensors(linear: nnx.Module, key: str, in_dims: int = 1) -> dict[str, np.ndarray]:
+    """The inverse of `assign_linear`: a Linear-like module as torch `nn.Linear` tensors,
+    `{key}.weight` [out, in] (float32) and `{key}.bias`. `in_dims`: leading kernel axes that
+    form the input (1 for `[in, ...out]` kernels, 2 for an attention output `[heads, d, out]`)."""
+    kernel = np.asarray(linear.kernel.value, np.float32)
+    rows = int(np.prod(kernel.shape[:in_dims]))
+    out = {f"{key}.weight": np.ascontiguousarray(kernel.reshape(rows, -1).T)}
+    if getattr(linear, "bias", None) is not None and linear.bias.value is not None:
+        out[f"{key}.bias"] = np.asarray(linear.bias.value, np.float32).reshape(-1)
+    return out
+
+
+def layer_norm_tensors(
+    norm: nnx.LayerNorm, key: str, names: Iterable[str] = ("weight", "bias")
+) -> dict[str, np.ndarray]:
+    """The inverse of `assign_layer_norm`: `{key}.weight`, `{key}.bias` (float32)."""
+    scale_name, bias_name = names
+    out = {f"{key}.{scale_name}": np.asarray(norm.scale.value, np.float32)}
+    if norm.bias is not None:
+        out[f"{key}.{bias_name}"] = np.asarray(norm.bias.value, np.float32)
+    return out
+
+
 def abstract_module(constructor: Callable[[], nnx.Module]) -> nnx.Module:
     """Builds a module with shape-only parameters (no random init, no memory), to be filled by
     `assign`; pair with `check_all_set` after loading.
