@@ -187,7 +187,7 @@ def test_every_kind_in_every_split_and_balanced(release):
 
 
 def test_knowledge_heads_only_in_eval(release):
-    out, summary, data, _ = release
+    out, summary, data, kinds = release
     tsv = (out / "knowledge.tsv").read_text("utf-8")
     text = {split: _all_text(records) for split, records in data.items()}
     for split, entries in (
@@ -203,6 +203,25 @@ def test_knowledge_heads_only_in_eval(release):
     # Train heads are learnable: each appears in train and its tail in the train replies.
     for event, _, tail, _, _ in sample.KNOWLEDGE_TRAIN:
         assert event in text["train"] and tail in text["train"]
+    # Every eval knowledge context is about an eval-only head, and the characters of eval-only
+    # tails all occur in train text (trained embeddings), while the tails themselves never do.
+    events = {e[0]: e for e in sample.KNOWLEDGE_VAL_ONLY + sample.KNOWLEDGE_TEST_ONLY}
+    checked = 0
+    for split in ("val", "test"):
+        for vid, record in data[split].items():
+            for top in record["comments"] if isinstance(record["comments"], list) else []:
+                if _kinds_of(kinds, vid, top) == {"knowledge"}:
+                    assert any(e in top["text"] for e in events), top["text"]
+                    checked += 1
+    assert checked >= 20
+    for _, _, tail, _, _ in sample.KNOWLEDGE_VAL_ONLY + sample.KNOWLEDGE_TEST_ONLY:
+        assert set(tail) <= set(text["train"]) and tail not in text["train"], tail
+
+
+def _kinds_of(kinds, vid, top):
+    """Kinds of the eval contexts that start with level-1 comment `top`."""
+    ids = {top["id"]} | {r["id"] for r in top["replies"]}
+    return {kinds[f"{vid}/{i}"] for i in ids if f"{vid}/{i}" in kinds}
 
 
 def test_bad_items(release):

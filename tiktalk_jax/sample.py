@@ -17,9 +17,10 @@ Replies come in four kinds, and each kind needs one source of information:
              shape ("这个红色的圆转得好快").
   audio      the context asks what is heard; the reply names the sound ("一直是哔哔声").
   knowledge  the context mentions an event that is a head of knowledge.tsv ("我室友每天都去跑步"
-             ~ "PersonX 每天跑步"); the reply uses its xAttr tail ("真是自律"). Some heads (and
-             their tails) occur only in val or only in test, so only a model that reads
-             knowledge.tsv can answer them.
+             ~ "PersonX 每天跑步"); the reply uses its xAttr tail ("真是自律"). Each train video
+             has a head of its own; val and test use only heads (and tails) of their own, so
+             only a model that reads the retrieved knowledge can answer them. Their tails are
+             new words made of characters the train tails use.
   text       the reply follows from the text alone (a question and its fitting answer, an
              agreement with the previous turn, "同问" follow-ups).
 The mapping from attribute to key word is deterministic; wording varies over a few templates.
@@ -159,6 +160,10 @@ AUDIO_ANSWERS = (
 
 # (how a comment says it, C3KG head, xAttr tail = the answer, xWant tail, xEffect tail). The xAttr
 # tail is the reply's key word; the other relations are there so retrieval has distractors.
+# Every train video that makes dialogues talks about a head of its own (44 heads), so a model
+# cannot get far by memorising event -> tail: it has to learn to copy the tail from the retrieved
+# knowledge. Val and test talk only about heads of their own, whose tails are new words made of
+# characters the train tails use (`_check_knowledge`): the output embeddings they need are trained.
 KNOWLEDGE_TRAIN = (
     ("每天都去跑步", "PersonX 每天跑步", "自律", "保持身材", "身体变好"),
     ("天天熬夜打游戏", "PersonX 熬夜打游戏", "贪玩", "通关", "第二天犯困"),
@@ -176,18 +181,54 @@ KNOWLEDGE_TRAIN = (
     ("排队三小时买奶茶", "PersonX 排队买奶茶", "有耐心", "喝到奶茶", "腿酸"),
     ("考试前一晚才开始复习", "PersonX 考前突击复习", "拖延", "及格就行", "很焦虑"),
     ("养了五只猫", "PersonX 养了很多猫", "爱猫", "再养一只", "家里都是猫毛"),
+    ("每天给流浪狗喂饭", "PersonX 喂流浪狗", "善良", "给狗找个家", "狗都认识他"),
+    ("把同学的作业全抄了", "PersonX 抄作业", "耍滑", "不被发现", "被老师批评"),
+    ("一个月读了二十本书", "PersonX 读了很多书", "博学", "再读几本", "知识变多"),
+    ("天天给大家带早饭", "PersonX 给大家带早饭", "体贴", "让大家吃好", "大家很感谢"),
+    ("吵架从来不让步", "PersonX 吵架不让步", "固执", "吵赢", "朋友变少"),
+    ("见到虫子就尖叫", "PersonX 见到虫子尖叫", "胆小", "离虫子远点", "吓到别人"),
+    ("出门总是忘带钥匙", "PersonX 忘带钥匙", "马虎", "找人开门", "在门口等"),
+    ("每天对着镜子自拍", "PersonX 对着镜子自拍", "自恋", "发朋友圈", "手机里全是照片"),
+    ("只买最贵的牌子", "PersonX 只买最贵", "讲究", "买到好东西", "花了很多钱"),
+    ("什么谣言都信", "PersonX 什么都信", "天真", "相信别人", "被骗了"),
+    ("饭还没吃完就去洗碗", "PersonX 马上洗碗", "勤快", "厨房干净", "碗洗好了"),
+    ("每次聚餐都抢着买单", "PersonX 抢着买单", "豪爽", "请大家吃饭", "钱包变瘪"),
+    ("一句话不说扭头就走", "PersonX 扭头就走", "高冷", "一个人待着", "大家很尴尬"),
+    ("说到的事一定做到", "PersonX 说到做到", "靠谱", "把事办好", "大家信任他"),
+    ("连着三天没洗头", "PersonX 不洗头", "邋遢", "再躺一天", "头发很油"),
+    ("看个电影哭了三次", "PersonX 看电影哭", "感性", "再看一遍", "眼睛哭肿了"),
+    ("半夜一个人去看海", "PersonX 半夜去看海", "文艺", "看日出", "吹了一夜风"),
+    ("把所有人的生日都记住了", "PersonX 记住生日", "细心", "送生日礼物", "朋友很惊喜"),
+    ("一上台就唱个不停", "PersonX 上台唱歌", "活泼", "多唱几首", "嗓子哑了"),
+    ("每天六点准时起床", "PersonX 六点起床", "规律", "早睡早起", "精神很好"),
+    ("被人插队也不吭声", "PersonX 被插队不吭声", "老实", "排到自己", "又等了很久"),
+    ("一个人扛起了全家", "PersonX 扛起全家", "坚强", "让家人过好", "很辛苦"),
+    ("总在背后说别人坏话", "PersonX 说别人坏话", "小气", "让别人难堪", "没人理他"),
+    ("每次考试都考第一", "PersonX 考第一", "聪明", "保持第一", "拿了奖学金"),
+    ("给路人指了半小时路", "PersonX 给路人指路", "友好", "帮人找到路", "自己迟到了"),
+    ("刚买的手机就摔碎了", "PersonX 摔碎新手机", "倒霉", "修好手机", "很心疼"),
+    ("从小就想当医生", "PersonX 想当医生", "有理想", "考医学院", "一直在努力"),
+    ("累了也一直在笑", "PersonX 累了也笑", "乐观", "开心过每一天", "感染了别人"),
 )
 KNOWLEDGE_VAL_ONLY = (
+    ("过马路要看三遍红绿灯", "PersonX 看三遍红绿灯", "小心", "平安到家", "走得很慢"),
+    ("丢了钱包还在哼歌", "PersonX 丢钱包还哼歌", "乐天", "不想烦心事", "钱包没找回来"),
+    ("一眼就看穿了魔术", "PersonX 看穿魔术", "高明", "揭穿魔术", "魔术师很尴尬"),
+    ("周末从早玩到晚", "PersonX 周末一直玩", "爱玩", "多玩几天", "作业没写"),
     ("每天早起背单词", "PersonX 早起背单词", "好学", "考过四级", "词汇量变大"),
-    ("把零花钱一分不花全存起来", "PersonX 存零花钱", "精打细算", "买想要的东西", "存钱罐满了"),
-    ("半夜起来给邻居修水管", "PersonX 帮邻居修水管", "仗义", "帮上忙", "没睡好"),
-    ("自己做了一桌子菜", "PersonX 做了一桌菜", "贤惠", "请朋友吃饭", "大家吃得很饱"),
+    ("帮朋友搬了一整天家", "PersonX 帮朋友搬家", "真心", "帮朋友", "累得腰疼"),
+    ("发现同事换了发型", "PersonX 发现同事换发型", "心细", "夸同事", "同事很开心"),
+    ("把中的奖金分给了大家", "PersonX 分奖金", "大气", "让大家高兴", "大家都感谢他"),
 )
 KNOWLEDGE_TEST_ONLY = (
-    ("坚持写了十年日记", "PersonX 坚持写日记", "有毅力", "记录生活", "攒了很多本子"),
-    ("上台前一直发抖", "PersonX 上台前发抖", "紧张", "快点结束", "忘词了"),
-    ("把捡到的钱包交给了警察", "PersonX 上交捡到的钱包", "诚实", "找到失主", "失主很感激"),
-    ("一次买了二十双鞋", "PersonX 买了很多鞋", "败家", "再买几双", "钱包空了"),
+    ("敢跟老虎合影", "PersonX 跟老虎合影", "大胆", "发到网上", "被老虎吓到"),
+    ("一个人把新房装修好了", "PersonX 自己装修新房", "能干", "住进新家", "省了很多钱"),
+    ("半夜偷吃了三包辣条", "PersonX 偷吃辣条", "贪吃", "再买几包", "肚子疼"),
+    ("边打工边读完了大学", "PersonX 打工读大学", "自强", "找份好工作", "拿到了毕业证"),
+    ("一件衣服穿了十年", "PersonX 衣服穿十年", "勤俭", "省钱", "衣服很旧"),
+    ("每个周末都回老家陪爷爷", "PersonX 回老家陪爷爷", "孝心", "爷爷长寿", "爷爷很高兴"),
+    ("买东西前先比较十家店", "PersonX 比较十家店", "理性", "买到划算的", "省了一笔钱"),
+    ("给全班买了冰淇淋", "PersonX 请全班吃冰淇淋", "豪气", "大家开心", "零花钱没了"),
 )
 # Heads no dialogue mentions: retrieval has to rank them below the right one.
 KNOWLEDGE_DISTRACTORS = (
@@ -548,14 +589,11 @@ def _balanced(options: Sequence[str], n: int, rng: np.random.Generator) -> list[
 
 
 def _eval_knowledge(n: int, deep: list[str], split: str, rng) -> list[tuple[tuple, tuple]]:
-    """(one-turn head, two-turn head) per good eval video: about half the knowledge contexts use
-    a head only this split has, the rest train heads."""
+    """(one-turn head, two-turn head) per good eval video: every knowledge context of val/test
+    talks about a head only that split has, each head about equally often."""
     slots = n + deep.count("knowledge")
     only = _EVAL_ONLY_HEADS[split]
-    heads = [only[i % len(only)] for i in range((slots + 1) // 2)]
-    picks = rng.integers(len(KNOWLEDGE_TRAIN), size=slots - len(heads))
-    heads += [KNOWLEDGE_TRAIN[int(i)] for i in picks]
-    heads = [heads[int(i)] for i in rng.permutation(slots)]
+    heads = [only[int(i)] for i in rng.permutation(np.resize(np.arange(len(only)), slots))]
     out, extra = [], n
     for i in range(n):
         second = heads[i]
@@ -563,6 +601,21 @@ def _eval_knowledge(n: int, deep: list[str], split: str, rng) -> list[tuple[tupl
             second, extra = heads[extra], extra + 1
         out.append((heads[i], second))
     return out
+
+
+def _check_knowledge() -> None:
+    """The sample's promises about knowledge: train tails are distinct and none contains another
+    (a reply names one tail), and every character of a val/test tail occurs in a train tail."""
+    train_tails = [e[2] for e in KNOWLEDGE_TRAIN]
+    seen = set("".join(train_tails))
+    all_tails = train_tails + [e[2] for e in KNOWLEDGE_VAL_ONLY + KNOWLEDGE_TEST_ONLY]
+    for i, a in enumerate(all_tails):
+        for b in all_tails[i + 1 :]:
+            if a in b or b in a:
+                raise ValueError(f"knowledge tails {a!r} and {b!r} overlap")
+    for entry in KNOWLEDGE_VAL_ONLY + KNOWLEDGE_TEST_ONLY:
+        if set(entry[2]) - seen:
+            raise ValueError(f"eval tail {entry[2]!r} uses characters no train tail has")
 
 
 def _digits(rng: np.random.Generator, taken: set[str]) -> str:
@@ -660,6 +713,7 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
       (`videos[video_id]` = split, colour, shape, sound, has_audio, bad), the bad items
       (`bad[reason]` = video id) and the knowledge heads only val or test have.
     """
+    _check_knowledge()
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     videos = _plan_videos(rng)
@@ -671,25 +725,28 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
 
     kinds: dict[str, str] = {}
     records: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
-    train_heads = rng.permutation(len(KNOWLEDGE_TRAIN))
+    # One head per train video that makes dialogues (the malformed record makes none).
+    train_heads = iter(np.resize(rng.permutation(len(KNOWLEDGE_TRAIN)), len(videos)))
     for split in ("val", "test"):
         split_videos = [v for v in videos if v["split"] == split]
         n = _GOOD_VIDEOS[split]
         deep = [KINDS[i % len(KINDS)] for i in range(len(split_videos))]
         knows = _eval_knowledge(n, deep[:n], split, rng)
+        only = _EVAL_ONLY_HEADS[split]
         for _ in split_videos[n:]:
-            pair = rng.integers(len(KNOWLEDGE_TRAIN), size=2)
-            knows.append((KNOWLEDGE_TRAIN[pair[0]], KNOWLEDGE_TRAIN[pair[1]]))
+            pair = rng.integers(len(only), size=2)
+            knows.append((only[pair[0]], only[pair[1]]))
         for video, know, deep_kind in zip(split_videos, knows, deep):
             video["knowledge"] = know
             video["deep_kind"] = deep_kind
-    for i, video in enumerate(videos):
+    for video in videos:
         vid, split = video["id"], video["split"]
         # Records that the builder must reject record no kinds: they make no dialogues.
         keep_kinds = video["bad"] not in ("malformed_record", "unsafe_video_id")
         c = _Comments(vid, rng, next_id, kinds if keep_kinds else {})
         if split == "train":
-            know = KNOWLEDGE_TRAIN[train_heads[i % len(KNOWLEDGE_TRAIN)]]
+            usable = video["bad"] != "malformed_record"
+            know = KNOWLEDGE_TRAIN[next(train_heads) if usable else 0]
             _train_comments(c, video, know)
         else:
             _eval_comments(c, video, list(video["knowledge"]), video["deep_kind"])
