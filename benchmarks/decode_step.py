@@ -25,6 +25,7 @@ benchmarks/maria_decode.py is the earlier JAX-only cached vs recompute measureme
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,14 +40,14 @@ for _p in (_HERE, os.path.dirname(_HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import flops  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import maria_decode  # noqa: E402
 import numpy as np  # noqa: E402
+import train_step  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import flops  # noqa: E402
-import maria_decode  # noqa: E402
-import train_step  # noqa: E402
 from tiktalk_jax.models import bert, maria  # noqa: E402
 
 DECODERS = ("jax_cached", "jax_recompute", "torch_recompute")
@@ -136,7 +137,6 @@ def main(argv: list[str] | None = None) -> dict:
             run, sync = (lambda fn=fn: fn(state, batch)), jax.block_until_ready
         else:
             import torch
-
             import torch_maria
 
             torch.set_num_threads(args.torch_threads or os.cpu_count())
@@ -145,9 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
             tmodel = torch_maria.TorchMaria(shape).to(device).eval()
             tbatch = torch_maria.to_torch(host_batch, device)
             tdtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-            run = lambda: torch_maria.beam_search_recompute(  # noqa: E731
-                tmodel, tbatch, args.beams, args.new_tokens, tdtype
-            )
+            run = functools.partial(
+                torch_maria.beam_search_recompute,
+                tmodel, tbatch, args.beams, args.new_tokens, tdtype,
+            )  # fmt: skip
             sync = lambda x: x.cpu()  # noqa: E731
         first, times, out = time_runs(run, sync, args.runs)
         tokens[name] = np.asarray(out)

@@ -22,7 +22,8 @@ attention term counts the full square.
 BLIP-2 (Q-Former adapter + frozen decoder LLM), per example, Q queries, N visual tokens per frame,
 F frames, Dv visual width, Hq / Iq / Lq the Q-Former's width / MLP width / layers (cross-attention
 every c-th layer), and the LLM over S = Q + Lc + Lr tokens (width D, MLP width Il, Ll layers,
-Q / K,V widths Dq = heads * head_dim, Dkv = kv_heads * head_dim, vocab V, head on the Lr response slots):
+Q / K,V widths Dq = heads * head_dim, Dkv = kv_heads * head_dim, vocab V, head on the Lr
+response slots):
 
     qformer forward = Lq * (2 Q (4 Hq^2 + 2 Hq Iq) + 4 Q^2 Hq)
                       + Lq / c * (2 Q 2 Hq^2 + 2 (F N) 2 Dv Hq + 4 Q (F N) Hq)   # cross-attention

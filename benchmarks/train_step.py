@@ -54,6 +54,7 @@ for _p in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _p)
 
 import flax  # noqa: E402
+import flops  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,7 +62,6 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import flops  # noqa: E402
 from tiktalk_jax import input_pipeline, optim, sharding, train  # noqa: E402
 from tiktalk_jax.models import registry  # noqa: E402
 
@@ -188,7 +188,7 @@ def maria_batch(shape: flops.MariaShape, batch: int, seed: int = 0) -> dict[str,
 
 
 def blip2_config(size: str, batch: int, vocab_file: str, remat: str):
-    """configs/blip2.py (video variant) with the LLM `size` (tiny | 0.5b | 1.5b | 7b), one device."""
+    """configs/blip2.py (video variant), the LLM of `size` (tiny | 0.5b | 1.5b | 7b), one device."""
     from configs import blip2 as blip2_config_lib
     from tiktalk_jax.models import llm
 
@@ -402,7 +402,6 @@ def run_jax(config, host_batch, args, tokens, flops_per_step, peak) -> tuple[dic
 
 def run_torch(compile: bool, shape, host_batch, args, tokens, flops_per_step, peak) -> dict:
     import torch
-
     import torch_maria
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,133 @@
+"""The M10 benchmark harness on CPU at tiny sizes: well-formed results, no timing assertions.
+
+Also checks that the PyTorch reference (benchmarks/torch_maria.py) is the same model as
+tiktalk_jax's Maria: with the reference's weights loaded into the JAX model, both give the same
+hidden states, and the reference's masking draws as many slots as `maria.mask_tokens`.
+"""
+
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import decode_step  # noqa: E402
+import flops  # noqa: E402
+import torch_maria  # noqa: E402
+import train_step  # noqa: E402
+
+from tiktalk_jax.models import maria  # noqa: E402
+
+TINY = flops.MARIA_SIZES["tiny"]
+
+
+def _finite_positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_reference_is_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    ref = torch_maria.TorchMaria(TINY, dropout=0.0).eval()
+    model = decode_step.jax_model(TINY, "float32")
+    assert model.config.max_masked == torch_maria.max_masked(TINY)
+    torch_maria.save_bert_checkpoint(ref, str(tmp_path))
+    maria.load_bert_weights(model, str(tmp_path))
+    for name, w in torch_maria.media_weights(ref).items():
+        module = getattr(model, name)
+        module.proj.kernel.set_value(jnp.asarray(w["kernel"]))
+        module.proj.bias.set_value(jnp.asarray(w["bias"]))
+        module.norm.scale.set_value(jnp.asarray(w["scale"]))
+        module.norm.bias.set_value(jnp.asarray(w["ln_bias"]))
+    batch = train_step.maria_batch(TINY, 3)
+    ours = np.asarray(nnx.jit(lambda m, b: m(b))(model, batch))  # jit: eager ops are slow
+    with torch.no_grad():
+        theirs = ref.hidden(torch_maria.to_torch(batch, "cpu")).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
+    assert ours.shape == (3, TINY.tokens, TINY.hidden)
+
+    # Masking: the same per-segment counts as the JAX objective, gathered to the same slots.
+    tb = torch_maria.to_torch(batch, "cpu")
+    _, positions, labels, weights = torch_maria.mask_tokens(tb, TINY)
+    mask = jax.jit(lambda k, b: maria.mask_tokens(k, b, model.config)[1])
+    t = mask(jax.random.key(0), batch)
+    np.testing.assert_array_equal(weights.sum(1).numpy(), np.asarray(t.weights).sum(1))
+    text = np.concatenate([batch["response_ids"], batch["context_ids"], batch["knowledge_ids"]], 1)
+    picked = np.take_along_axis(text, positions.numpy(), 1)
+    np.testing.assert_array_equal(np.where(weights.numpy() > 0, picked, 0),
+                                  np.where(weights.numpy() > 0, labels.numpy(), 0))  # fmt: skip
+
+
+def test_flop_counts():
+    s = flops.MariaShape(hidden=4, layers=1, heads=1, intermediate=8, vocab=10, response=2,
+                         context=1, knowledge=1, frames=1, audio=1, frame_dim=3,
+                         audio_dim=2)  # fmt: skip
+    t = 6
+    expected = 2 * t * (4 * 16 + 2 * 4 * 8) + 4 * t * t * 4 + 2 * 3 * 4 + 2 * 2 * 4
+    expected += 2 * 5 * (16 + 40)
+    assert flops.maria_forward_flops(s, masked=5) == expected
+    assert flops.maria_train_flops(s, 5, batch=2) == 6 * expected
+    assert flops.peak_tflops("gpu NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert flops.peak_tflops("cpu cpu", "float32") is None
+    assert flops.peak_tflops("cpu cpu", "float32", override=2.0) == 2.0
+    assert flops.mfu(1e12, 1.0, 2.0) == 0.5 and flops.mfu(1e12, 1.0, None) is None
+    # A cached search does far less work than recomputing (what the decoding target measures).
+    base = flops.MARIA_SIZES["base"]
+    assert flops.maria_decode_flops(base, 1, 5, 20, cached=False) > 10 * flops.maria_decode_flops(
+        base, 1, 5, 20, cached=True
+    )
+
+
+def test_train_step_maria_json_and_markdown(tmp_path):
+    out = tmp_path / "maria.json"
+    result = train_step.main(
+        ["--model=maria", "--size=tiny", "--batch=2", "--steps=2", "--warmup=0",
+         "--impls=jax,torch_eager", "--peak_tflops=1.0", f"--json_out={out}"]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["impl"] for r in result["results"]] == ["jax", "torch_eager"]
+    assert result["tokens_per_example"] == TINY.tokens == 280
+    for r in result["results"]:
+        assert r["timed_steps"] == 2
+        for key in ("examples_per_s", "tokens_per_s", "step_ms_median", "flops_per_step", "mfu"):
+            assert _finite_positive(r[key]), (key, r[key])
+        assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+        assert r["tokens_per_s"] == pytest.approx(r["examples_per_s"] * 280)
+        assert r["peak_memory_gb"] is None  # CPU: no device memory statistics
+    jax_rec, torch_rec = result["results"]
+    assert jax_rec["flops_per_step"] == torch_rec["flops_per_step"]  # same model, same count
+    assert _finite_positive(jax_rec["compile_s"])
+    assert _finite_positive(result["ratios"]["jax_over_torch_eager"])
+    rows = result["markdown"].splitlines()
+    assert len(rows) == 2 and all(r.startswith("| ") and r.count("|") == 15 for r in rows)
+    assert len(result["load_before"]) == 3 and result["environment"]["torch"]
+
+
+def test_train_step_blip2_tiny():
+    result = train_step.main(["--model=blip2", "--size=tiny", "--batch=2", "--steps=2",
+                              "--warmup=0"])  # fmt: skip
+    (r,) = result["results"]
+    assert r["impl"] == "jax" and r["mfu"] is None  # CPU without --peak_tflops: n/a
+    assert _finite_positive(r["examples_per_s"]) and _finite_positive(r["flops_per_step"])
+    shape = result["blip2_shape"]
+    assert result["tokens_per_example"] == shape["queries"] + shape["prompt"] + shape["response"]
+
+
+def test_decode_step_tiny():
+    result = decode_step.main(["--size=tiny", "--batch=1", "--new_tokens=3", "--runs=1"])
+    assert [r["decoder"] for r in result["results"]] == list(decode_step.DECODERS)
+    assert result["all_decoded_new_tokens"] and result["prefix_tokens"] == 240
+    for r in result["results"]:
+        assert _finite_positive(r["tokens_per_s"]) and _finite_positive(r["ms_per_step"])
+    assert set(result["speedups"]) == {
+        "jax_cached_over_torch_recompute",
+        "jax_cached_over_jax_recompute",
+    }
+    assert len(result["markdown"].splitlines()) == 3
