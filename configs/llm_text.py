@@ -17,9 +17,9 @@ The config argument (comma-separated `key=value`):
              nothing frozen, float32 master weights).
   rank, alpha  LoRA rank and scale numerator (alpha / rank).
   data_dir   TFDS data dir holding tiktalk/dialogues.
-  tokenizer  the checkpoint's local HF tokenizer directory (its chat template builds the
-             prompts, `llm_inputs`); unset: a WordPiece vocab trained on the train split and the
-             plain template.
+  tokenizer  the checkpoint's local HF tokenizer directory (tokenizer.json +
+             tokenizer_config.json; its chat template builds the prompts, `llm_inputs`); unset:
+             a WordPiece vocab trained on the train split and the plain template.
   init_from  local HF checkpoint directory (llama / qwen2 / qwen3 / glm), read sharded onto the
              mesh; unset: random init of `size`.
   kinds_file a `sample_kinds.json`: eval adds per-kind scores.
@@ -35,9 +35,12 @@ rematerialised in the backward pass; full fine-tuning: lr 1e-5, weight decay 0.0
 original BLIP-2's, whose LLM in the paper is this fine-tuned ChatGLM-6B). The per-device memory of
 the 7B LoRA step on 8 devices is in docs/scaling.md (benchmarks/llm_aot_memory.py).
 
-Evaluation reads hypotheses and retrieval candidates with the BERT vocabulary's conventions
-([SEP] ends a response, WordPiece pieces): it works with the trained vocabulary (size=tiny on the
-sample); a byte-level BPE tokenizer needs the evaluator to decode with the tokenizer itself.
+Evaluation decodes hypotheses with the run's tokenizer (the family's `decode_text` hook,
+`llm_inputs.decode_text`): up to the template's end token or eos, byte-level BPE decoded to
+UTF-8 with special tokens skipped (WordPiece pieces joined without spaces for the trained
+vocabulary); retrieval candidates are laid out exactly like the training responses
+(`llm_inputs.encode_candidates`: `response end`). Special ids of any tokenizer come from
+`tiktalk_jax.tokenizer.special_ids`.
 """
 
 from __future__ import annotations

@@ -21,14 +21,18 @@ What runs:
   * the split goes through the eval pipeline (in order, padded to whole batches; padding rows
     have `example_mask` False and are dropped), and `family.generate` decodes each batch under
     jit with the config's decoding settings (`config.decode`);
-  * hypotheses are detokenized (`detokenize`: WordPiece pieces joined without spaces, `##`
-    stripped) and scored against the 5 references with `metrics.nlg_scores` (the paper's
-    protocol: one pycocoevalcap run per reference index, averaged);
+  * hypotheses are decoded by the family's `decode_text` (default `decode_tokens`: stop at
+    [SEP] / [PAD], WordPiece pieces joined without spaces, `##` stripped; the LLM families
+    decode with their own tokenizer: byte-level BPE to UTF-8, stop at eos / the chat
+    template's end token, special tokens skipped) and scored against the 5 references with
+    `metrics.nlg_scores` (the paper's protocol: one pycocoevalcap run per reference index,
+    averaged);
   * retrieval: every dialogue's 5 references + 95 negatives from other dialogues of the split
     (`metrics.retrieval_candidates`, deterministic) are scored by `family.score` (for Maria the
     log-likelihood of each candidate) and ranked: Recall@1/5/10 and MeanRank
-    (`metrics.retrieval_metrics`). Candidates use the formatters' response layout
-    (`[CLS] r [SEP]`, padded to `config.input.max_response_len`): `candidate_ids int32[B, C, R]`,
+    (`metrics.retrieval_metrics`). Candidates are encoded by the family's `encode_candidates`
+    in the layout its scorer reads (default `encode_candidates`: `[CLS] r [SEP]`, padded to
+    `config.input.max_response_len`; LLM families: `r end`): `candidate_ids int32[B, C, R]`,
     `candidate_mask bool[B, C, R]` are added to the batch, C split in chunks of
     `config.eval.score_chunk`;
   * per-kind scores: with a reply-kind file (`config.eval.kinds_file`, or `sample_kinds.json`
@@ -62,12 +66,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tiktalk_jax import checkpoint, input_pipeline, metrics, sharding, train
+from tiktalk_jax import tokenizer as tokenizer_lib
 from tiktalk_jax.models import registry
 
 KINDS_FILENAME = "sample_kinds.json"
-# Tokens that never appear in a detokenized hypothesis ([UNK] is kept, as one character).
-_DROPPED_TOKENS = frozenset({"[PAD]", "[CLS]", "[SEP]", "[MASK]"})
-_UNK_TEXT = "\ufffd"
 
 
 @dataclasses.dataclass
@@ -152,35 +154,37 @@ def detokenize(pieces: Sequence[str]) -> str:
     """WordPiece pieces -> text, for Chinese: pieces are joined without spaces and `##` is
     stripped; a space is kept only between two ASCII alphanumeric words (so "hello world"
     survives). Special tokens are dropped; `[UNK]` becomes U+FFFD (one character)."""
-    out = ""
-    for piece in pieces:
-        if piece in _DROPPED_TOKENS:
-            continue
-        if piece == "[UNK]":
-            out += _UNK_TEXT
-        elif piece.startswith("##"):
-            out += piece[2:]
-        elif (
-            out
-            and out[-1].isascii()
-            and out[-1].isalnum()
-            and piece[0].isascii()
-            and (piece[0].isalnum())
-        ):
-            out += " " + piece
-        else:
-            out += piece
-    return out
+    return tokenizer_lib.join_wordpieces(pieces)
 
 
 def decode_tokens(tokenizer: Any, ids: np.ndarray, stop_ids: Sequence[int]) -> str:
-    """Generated ids `int[T]` up to the first stop id -> text."""
-    ids = [int(i) for i in ids]
-    for j, i in enumerate(ids):
-        if i in stop_ids:
-            ids = ids[:j]
-            break
-    return detokenize(tokenizer.convert_ids_to_tokens(ids))
+    """Generated ids `int[T]` up to the first stop id -> text (`tokenizer.decode`: WordPiece
+    pieces joined as `detokenize`; any other tokenizer by its own decoder)."""
+    return tokenizer_lib.decode(tokenizer, ids, stop_ids)
+
+
+def decode_texts(
+    config: ml_collections.ConfigDict, tokenizer: Any, tokens: np.ndarray
+) -> list[str]:
+    """The default `decode_text` hook: `int[N, T]` -> N texts with the BERT vocabulary's
+    conventions (stop at [SEP] / [PAD])."""
+    del config
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    stop_ids = [backend.token_to_id(t) for t in ("[SEP]", "[PAD]")]
+    return [decode_tokens(tokenizer, t, stop_ids) for t in tokens]
+
+
+def candidate_arrays(
+    family: registry.ModelFamily,
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    candidates: Sequence[Sequence[str]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate texts `[N][C]` -> `(int32[N, C, R], bool[N, C, R])` by the family's
+    `encode_candidates` hook, else `encode_candidates` (`[CLS] r [SEP]`)."""
+    if family.encode_candidates is not None:
+        return family.encode_candidates(config, tokenizer, candidates)
+    return encode_candidates(tokenizer, candidates, int(config.input.max_response_len))
 
 
 def encode_candidates(
@@ -534,7 +538,7 @@ def evaluate(
         cand_texts = metrics.retrieval_candidates(
             references, int(settings.num_negatives), int(settings.retrieval_seed)
         )
-        candidates = encode_candidates(tokenizer, cand_texts, int(cfg.input.max_response_len))
+        candidates = candidate_arrays(family, cfg, tokenizer, cand_texts)
     kinds_file = find_kinds_file(cfg)
     kinds = None
     if kinds_file:
@@ -561,8 +565,7 @@ def evaluate(
                 )
         todo = [(s, loader) for s in chosen]
 
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    stop_ids = [backend.token_to_id(t) for t in ("[SEP]", "[PAD]")]
+    decode_text = family.decode_text or decode_texts
     runner = ModelRunner(family, cfg, mesh, candidates, int(settings.score_chunk))
     side_info = _side_table_info(side.get(split, []))
     results = []
@@ -575,7 +578,7 @@ def evaluate(
             order = np.argsort(out["record_index"], kind="stable")
             index = out["record_index"][order]
             records = [source[int(i)] for i in index]
-            hyps = [decode_tokens(tokenizer, t, stop_ids) for t in out["tokens"][order]]
+            hyps = decode_text(cfg, tokenizer, out["tokens"][order])
             cand_scores = out["scores"][order] if "scores" in out else None
             result = EvalResult(
                 step, split, None, scores_path(workdir, split, step),
@@ -651,7 +654,11 @@ def _metadata(cfg, settings, split, step, workdir, side_info, tokenizer, kinds_f
             "rank": "best ground truth, ties against the model (metrics.retrieval_metrics)",
             "score": "family.score (Maria: sum of log p of the candidate's tokens and [SEP])",
         },
-        "hypotheses": "detokenized: WordPiece joined without spaces, ## stripped",
+        "hypotheses": (
+            "detokenized: WordPiece joined without spaces, ## stripped"
+            if tokenizer_lib.is_wordpiece(tokenizer)
+            else "decoded by the tokenizer, special tokens skipped"
+        ),
         "tokenizer": inp.get("tokenizer") or "WordPiece vocab trained on the train split",
         "vocab_size": backend.get_vocab_size(),
         "text_lengths": {k: inp.get(k) for k in lengths if inp.get(k) is not None},

@@ -396,14 +396,10 @@ def family_generate(model: Blip2Dialogue, batch: Batch, config) -> Array:
 
 
 def family_score(model: Blip2Dialogue, batch: Batch, config) -> Array:
-    """Registry `score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`, given in the
-    evaluator's `[CLS] r [SEP]` layout and scored as the formatter lays out a response (start
-    slot dropped, closing token replaced by the template's end token, as the `llm` family)."""
-    end = llm_inputs.token_spec(config).end_id
-    ids = jnp.asarray(batch["candidate_ids"])[..., 1:]
-    mask = jnp.asarray(batch["candidate_mask"])[..., 1:].astype(bool)
-    last = jnp.arange(ids.shape[-1]) == jnp.sum(mask, axis=-1, keepdims=True) - 1
-    ids = jnp.where(last & mask, end, ids)
+    """Registry `score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`, laid out
+    like `response_ids` (`response end`; `llm_inputs.encode_candidates`, as the `llm` family)."""
+    del config
+    ids, mask = batch["candidate_ids"], jnp.asarray(batch["candidate_mask"]).astype(bool)
     return score_responses(model, batch, ids, mask)
 
 
@@ -420,5 +416,7 @@ registry.register(
         side_tables=side_tables,
         generate=family_generate,
         score=family_score,
+        decode_text=llm_inputs.decode_text,
+        encode_candidates=llm_inputs.encode_candidates,
     )
 )

@@ -24,8 +24,6 @@ num_references, num_candidates.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -49,55 +47,17 @@ class VocabSpec(NamedTuple):
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """`{pad_id, cls_id, sep_id}` of a (fast) BERT tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    names = {"pad_id": "[PAD]", "cls_id": "[CLS]", "sep_id": "[SEP]"}
-    ids = {k: backend.token_to_id(t) for k, t in names.items()}
-    missing = [names[k] for k, v in ids.items() if v is None]
-    if missing:
-        raise ValueError(f"tokenizer vocabulary lacks {missing}")
-    return ids
-
-
-@functools.lru_cache(maxsize=8)
-def _pretrained_spec(path: str) -> VocabSpec:
-    tok = tokenizer_lib.load_tokenizer(path)
-    size = getattr(tok, "backend_tokenizer", tok).get_vocab_size()
-    return VocabSpec(size, **special_token_ids(tok))
-
-
-def _trained_vocab_file(input_config: ml_collections.ConfigDict) -> str | None:
-    """The `vocab.txt` the pipeline trained (and reuses) for this data, if it exists yet."""
-    vocab_dir = input_config.get("vocab_dir")
-    if not vocab_dir:
-        try:
-            vocab_dir = ip.dataset_dir(input_config.get("data_dir"), input_config.dataset)
-        except FileNotFoundError:
-            return None
-    path = os.path.join(vocab_dir, tokenizer_lib.VOCAB_FILENAME)
-    return path if os.path.isfile(path) else None
+    """`{pad_id, cls_id, sep_id}` of a (fast) BERT tokenizer (`tokenizer.special_ids`)."""
+    return tokenizer_lib.special_ids(tokenizer).require("pad_id", "cls_id", "sep_id")
 
 
 def vocab_spec(config: ml_collections.ConfigDict) -> VocabSpec:
-    """The vocabulary the pipeline tokenizes `config`'s data with, as `make_datasets` resolves
-    it: `config.input.tokenizer`, else the `vocab.txt` trained for the data (in
-    `config.input.vocab_dir` or the dataset's directory), else (not trained yet) the trained
-    vocabulary's conventions: special tokens first (tiktalk_jax/tokenizer.py), at most
-    `config.input.vocab_size` tokens. Ids set in `config.model.{pad_id, cls_id, sep_id}` win.
-    """
-    if config.input.get("tokenizer"):
-        spec = _pretrained_spec(str(config.input.tokenizer))
-    elif (path := _trained_vocab_file(config.input)) is not None:
-        vocab = tokenizer_lib.read_vocab(path)
-        spec = VocabSpec(len(vocab), vocab["[PAD]"], vocab["[CLS]"], vocab["[SEP]"])
-    else:
-        special = tokenizer_lib.SPECIAL_TOKENS
-        spec = VocabSpec(
-            int(config.input.vocab_size),
-            special.index("[PAD]"),
-            special.index("[CLS]"),
-            special.index("[SEP]"),
-        )
+    """The vocabulary the pipeline tokenizes `config`'s data with
+    (`tokenizer.config_special_ids`: `config.input.tokenizer`, else the vocab.txt trained for
+    the data, else the trained vocabulary's conventions). Ids set in
+    `config.model.{pad_id, cls_id, sep_id}` win."""
+    ids = tokenizer_lib.config_special_ids(config.input)
+    spec = VocabSpec(ids.vocab_size, **ids.require("pad_id", "cls_id", "sep_id"))
     # Only the ids: `config.model.vocab_size` is the model's table, which may be larger.
     given = {k: config.model.get(k) for k in ("pad_id", "cls_id", "sep_id")}
     return spec._replace(**{k: int(v) for k, v in given.items() if v is not None})

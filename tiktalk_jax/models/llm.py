@@ -852,16 +852,11 @@ def family_generate(model: Llm, batch: Mapping[str, Array], config) -> Array:
 
 
 def family_score(model: Llm, batch: Mapping[str, Array], config) -> Array:
-    """Registry `score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`.
-
-    Candidates come in the evaluator's layout `[CLS] r [SEP]`: the start slot is dropped (the
-    prompt already ends where a response starts) and the closing token is replaced by the
-    template's end token, so a candidate is scored as the formatter lays out a response."""
-    end = llm_inputs.token_spec(config).end_id
-    ids = jnp.asarray(batch["candidate_ids"])[..., 1:]
-    mask = jnp.asarray(batch["candidate_mask"])[..., 1:].astype(bool)
-    last = jnp.arange(ids.shape[-1]) == jnp.sum(mask, axis=-1, keepdims=True) - 1
-    ids = jnp.where(last & mask, end, ids)
+    """Registry `score`: log-likelihood `float32[B, C]` of `batch["candidate_ids"]`, laid out
+    like `response_ids` (`response end`; `llm_inputs.encode_candidates`, the family's
+    `encode_candidates` hook)."""
+    del config
+    ids, mask = batch["candidate_ids"], jnp.asarray(batch["candidate_mask"]).astype(bool)
     return score_responses(model, batch["prompt_ids"], batch["prompt_mask"], ids, mask)
 
 
@@ -874,5 +869,7 @@ registry.register(
         frozen_source=lambda config: config.model.get("init_from"),
         generate=family_generate,
         score=family_score,
+        decode_text=llm_inputs.decode_text,
+        encode_candidates=llm_inputs.encode_candidates,
     )
 )

@@ -37,14 +37,19 @@ Outputs (B batch, Lc = max_context_len, Lr = max_response_len, R = num_reference
   eval, when num_references > 0: references_ids int32[B, R, Lr], references_mask (all-padding
     rows where a record has fewer responses), laid out like response_ids.
 
-Tokenizer. The input pipeline's loader (tiktalk_jax/tokenizer.py) builds BERT tokenizers; an
-LLM's own tokenizer (byte-level BPE, chat template) is read here with `AutoTokenizer` when
-`config.input.tokenizer` is a local HF directory (`tokenizer_for`).
+Tokenizer. `config.input.tokenizer`, a local HF directory, is the LLM's own tokenizer (byte-level
+BPE, chat template; `tokenizer.load_tokenizer` reads it with `AutoTokenizer`); unset, the
+pipeline's WordPiece vocabulary trained on the data. Special ids come from
+`tokenizer.special_ids`.
+
+Evaluation hooks (registered on the `llm` and `blip2` families): `decode_text` turns generated
+ids into text with the tokenizer itself (stopping at the template's end token / eos; byte-level
+BPE decoded to UTF-8, special tokens skipped; WordPiece pieces joined), `encode_candidates` lays
+retrieval candidates out exactly like `response_ids` (`response end`, right-padded).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -68,19 +73,13 @@ DEFAULT_MAX_TITLE_LEN = 32
 _TITLE, _CONTEXT, _RESPONSE = "\ue000TITLE\ue000", "\ue001CONTEXT\ue001", "\ue002RESPONSE\ue002"
 
 
-@functools.lru_cache(maxsize=4)
-def _auto_tokenizer(path: str) -> Any:
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
 def tokenizer_for(input_config: ml_collections.ConfigDict, given: Any = None) -> Any:
-    """The tokenizer the `llm` formatter uses: `AutoTokenizer` of `input_config.tokenizer` when
-    it is a local HF directory, else `given` (the pipeline's: a vocab.txt or the trained one)."""
+    """The tokenizer the `llm` formatter uses: `input_config.tokenizer`'s when it is a local HF
+    directory (`tokenizer.load_tokenizer`: the LLM's own), else `given` (the pipeline's: a
+    vocab.txt or the trained one)."""
     path = input_config.get("tokenizer")
     if path and os.path.isdir(path):
-        return _auto_tokenizer(os.path.abspath(path))
+        return tokenizer_lib.cached_tokenizer(path)
     if given is None:
         raise ValueError("no tokenizer: pass the pipeline's, or set config.input.tokenizer")
     return given
@@ -92,18 +91,6 @@ def _backend(tokenizer: Any) -> Any:
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return _backend(tokenizer).encode(text, add_special_tokens=False).ids if text else []
-
-
-def _token_id(tokenizer: Any, *names: str) -> int | None:
-    """Id of the first of the tokenizer's named special tokens (`"eos_token"`, ...) it has."""
-    backend = _backend(tokenizer)
-    for name in names:
-        token = getattr(tokenizer, name, None) if name.endswith("_token") else name
-        if token:
-            i = backend.token_to_id(str(token))
-            if i is not None:
-                return int(i)
-    return None
 
 
 class Template(NamedTuple):
@@ -142,7 +129,7 @@ def _chat_messages(tokenizer: Any, user: str) -> list[dict[str, str]]:
         return with_system[1:]
 
 
-def _chat_template(tokenizer: Any, pad_id: int) -> Template:
+def _chat_template(tokenizer: Any, ids: tokenizer_lib.SpecialIds) -> Template:
     user = USER_TEMPLATE.format(title=_TITLE, context=_CONTEXT)
     messages = _chat_messages(tokenizer, user)
     prompt = _render(tokenizer, messages, True)
@@ -150,32 +137,25 @@ def _chat_template(tokenizer: Any, pad_id: int) -> Template:
         raise ValueError("the chat template does not render the user message verbatim")
     before, rest = prompt.split(_TITLE)
     between, after = rest.split(_CONTEXT)
-    answered = _render(tokenizer, [*messages, {"role": "assistant", "content": _RESPONSE}], False)
-    closing = _encode(tokenizer, answered.split(_RESPONSE, 1)[1]) if _RESPONSE in answered else []
-    eos = _token_id(tokenizer, "eos_token")
-    end = closing[0] if closing else eos
-    if end is None:
+    if ids.end_id is None:
         raise ValueError("the chat template closes no assistant turn and there is no eos token")
-    stops = tuple(dict.fromkeys(i for i in (end, eos) if i is not None))
     text = prompt.replace(_TITLE, "{title}").replace(_CONTEXT, "{context}")
     return Template(
         before_title=tuple(_encode(tokenizer, before)),
         after_title=tuple(_encode(tokenizer, between)),
         turn_sep=tuple(_encode(tokenizer, "\n")),
         after_context=tuple(_encode(tokenizer, after)),
-        end_id=int(end),
-        pad_id=pad_id,
-        stop_ids=stops,
+        end_id=ids.end_id,
+        pad_id=ids.pad_id,
+        stop_ids=ids.stop_ids,
         chat=True,
         text=text,
     )
 
 
-def _plain_template(tokenizer: Any, pad_id: int) -> Template:
-    bos = _token_id(tokenizer, "[CLS]", "bos_token")
-    sep_id = _token_id(tokenizer, "[SEP]")
-    sep = [sep_id] if sep_id is not None else _encode(tokenizer, "\n")
-    end = sep_id if sep_id is not None else _token_id(tokenizer, "eos_token")
+def _plain_template(tokenizer: Any, ids: tokenizer_lib.SpecialIds) -> Template:
+    bos, end = ids.bos_id, ids.end_id
+    sep = [ids.sep_id] if ids.sep_id is not None else _encode(tokenizer, "\n")
     if end is None or not sep:
         raise ValueError("the tokenizer has neither an eos nor a [SEP] token to end a response")
     backend = _backend(tokenizer)
@@ -185,9 +165,9 @@ def _plain_template(tokenizer: Any, pad_id: int) -> Template:
         after_title=tuple(sep),
         turn_sep=tuple(sep),
         after_context=tuple(sep + _encode(tokenizer, PLAIN_REPLY)),
-        end_id=int(end),
-        pad_id=pad_id,
-        stop_ids=(int(end),),
+        end_id=end,
+        pad_id=ids.pad_id,
+        stop_ids=(end,),
         chat=False,
         text=(
             f"{name([bos]) if bos is not None else ''}{PLAIN_TITLE}{{title}}{name(sep)}"
@@ -197,53 +177,54 @@ def _plain_template(tokenizer: Any, pad_id: int) -> Template:
 
 
 def make_template(tokenizer: Any) -> Template:
-    """The tokenizer's chat template as pieces when it has one, else the plain template."""
-    pad = _token_id(tokenizer, "[PAD]", "pad_token", "eos_token")
-    pad = 0 if pad is None else pad
+    """The tokenizer's chat template as pieces when it has one, else the plain template (ids
+    from `tokenizer.special_ids`)."""
+    ids = tokenizer_lib.special_ids(tokenizer)
     if getattr(tokenizer, "chat_template", None):
-        return _chat_template(tokenizer, pad)
-    return _plain_template(tokenizer, pad)
+        return _chat_template(tokenizer, ids)
+    return _plain_template(tokenizer, ids)
 
 
-class TokenSpec(NamedTuple):
-    """What the model side needs from the tokenizer."""
-
-    vocab_size: int
-    pad_id: int
-    end_id: int
-    stop_ids: tuple[int, ...]
+def token_spec(config: ml_collections.ConfigDict) -> tokenizer_lib.SpecialIds:
+    """The special ids (vocab_size, pad_id, end_id, stop_ids, ...) of the tokenizer the pipeline
+    gives `config`'s data: `tokenizer.config_special_ids(config.input)`."""
+    return tokenizer_lib.config_special_ids(config.input)
 
 
-def _trained_vocab_file(input_config: ml_collections.ConfigDict) -> str | None:
-    vocab_dir = input_config.get("vocab_dir")
-    if not vocab_dir:
-        try:
-            vocab_dir = ip.dataset_dir(input_config.get("data_dir"), input_config.dataset)
-        except FileNotFoundError:
-            return None
-    path = os.path.join(vocab_dir, tokenizer_lib.VOCAB_FILENAME)
-    return path if os.path.isfile(path) else None
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    backend = _backend(tokenizer)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
-def token_spec(config: ml_collections.ConfigDict) -> TokenSpec:
-    """Vocabulary size and template ids of the tokenizer the pipeline gives `config`'s data:
-    `config.input.tokenizer` (a HF directory or a vocab.txt), else the vocab.txt trained for
-    the data, else (not trained yet) the trained vocabulary's conventions (special tokens first,
-    at most `config.input.vocab_size` tokens)."""
-    path = config.input.get("tokenizer")
-    if not path:
-        path = _trained_vocab_file(config.input)
-    if not path:
-        special = tokenizer_lib.SPECIAL_TOKENS
-        sep = special.index("[SEP]")
-        return TokenSpec(int(config.input.vocab_size), special.index("[PAD]"), sep, (sep,))
-    if os.path.isdir(path):
-        tok = _auto_tokenizer(os.path.abspath(path))
-    else:
-        tok = tokenizer_lib.tokenizer_from_vocab(path)
+def decode_text(config: ml_collections.ConfigDict, tokenizer: Any, tokens: np.ndarray) -> list[str]:
+    """Registry `decode_text`: generated ids `int[N, T]` -> N texts, each up to the first stop
+    id (the template's end token, the eos; padding follows them), decoded by the tokenizer
+    (`tokenizer.decode`: no special tokens, no byte-level artefacts)."""
+    tok = tokenizer_for(config.input, tokenizer)
+    ids = tokenizer_lib.special_ids(tok)
+    return [tokenizer_lib.decode(tok, row, ids.stop_ids) for row in np.asarray(tokens)]
+
+
+def encode_candidates(
+    config: ml_collections.ConfigDict, tokenizer: Any, candidates: Sequence[Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Registry `encode_candidates`: texts `[N][C]` -> `(int32[N, C, Lr], bool[N, C, Lr])` laid
+    out like `response_ids` (`response end`, pad-filled; a truncated candidate keeps its end
+    token), so a candidate is scored exactly as a response is trained."""
+    tok = tokenizer_for(config.input, tokenizer)
     t = make_template(tok)
-    size = _backend(tok).get_vocab_size(with_added_tokens=True)
-    return TokenSpec(int(size), t.pad_id, t.end_id, t.stop_ids)
+    lr = int(config.input.max_response_len)
+    n, c = len(candidates), len(candidates[0])
+    tokens = _encode_batch(tok, [text for row in candidates for text in row])
+    ids = np.full((n * c, lr), t.pad_id, np.int32)
+    lengths = np.zeros((n * c,), np.int32)
+    for i, row in enumerate(tokens):
+        kept = [*row[: lr - 1], t.end_id]
+        ids[i, : len(kept)] = kept
+        lengths[i] = len(kept)
+    mask = np.arange(lr)[None, :] < lengths[:, None]
+    return ids.reshape(n, c, lr), mask.reshape(n, c, lr)
 
 
 @ip.register_formatter(FORMATTER, batched=True)
@@ -266,11 +247,9 @@ class LlmFormatter:
             )
         if self.lr < 2:
             raise ValueError("max_response_len must be at least 2 (a token and the end)")
-        backend = _backend(self.tokenizer)
-        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+        return _encode_batch(self.tokenizer, texts)
 
     def prompt(self, title: list[int], turns: list[list[int]]) -> list[int]:
         """The prompt tokens of one example (at most Lc; see the module docstring)."""

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from tiktalk_jax import input_pipeline as ip
+from tiktalk_jax import tokenizer as tokenizer_lib
 
 KNOWLEDGE, FRAMES, AUDIO = "knowledge", "frames", "audio"
 KNOWLEDGE_FIELD, FEATURES_FIELD = "knowledge", "features"
@@ -45,14 +46,9 @@ KNOWLEDGE_SEPARATOR = ";"
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """`{pad_id, cls_id, sep_id, mask_id}` of a tokenizer (MariaConfig fields)."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    names = {"pad_id": "[PAD]", "cls_id": "[CLS]", "sep_id": "[SEP]", "mask_id": "[MASK]"}
-    ids = {k: backend.token_to_id(t) for k, t in names.items()}
-    missing = [names[k] for k, v in ids.items() if v is None]
-    if missing:
-        raise ValueError(f"tokenizer vocabulary lacks {missing}")
-    return ids
+    """`{pad_id, cls_id, sep_id, mask_id}` of a tokenizer (MariaConfig fields), from
+    `tokenizer.special_ids`."""
+    return tokenizer_lib.special_ids(tokenizer).require("pad_id", "cls_id", "sep_id", "mask_id")
 
 
 def input_overrides(model_config: Any) -> dict[str, int]:

@@ -32,6 +32,15 @@ is all a config needs. The loop never looks inside a model or a batch; the contr
       Side tables (features per video, knowledge per dialogue) the pipeline joins.
   generate(model, batch, config) -> int32[B, T] token ids   (optional; eval of generation)
   score(model, batch, config) -> float32[B, N] candidate scores   (optional; retrieval eval)
+      The batch carries `candidate_ids int32[B, N, R]`, `candidate_mask bool[B, N, R]` as the
+      family's `encode_candidates` lays them out.
+  decode_text(config, tokenizer, tokens int[N, T]) -> [str] * N   (optional; eval)
+      Generated ids -> hypothesis text. Default (`evaluate.decode_tokens`): BERT conventions,
+      stop at [SEP] / [PAD], WordPiece pieces joined without spaces. Families on an LLM's own
+      tokenizer decode with it (byte-level BPE, stop at eos / the chat template's end token).
+  encode_candidates(config, tokenizer, texts [N][C]) -> (int32[N, C, R], bool[N, C, R])
+      (optional; retrieval eval) Candidate texts in the layout `score` reads, R =
+      `config.input.max_response_len`. Default (`evaluate.encode_candidates`): `[CLS] r [SEP]`.
 """
 
 from __future__ import annotations
@@ -43,9 +52,14 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 Batch = Mapping[str, jax.Array]
+DecodeTextFn = Callable[[ml_collections.ConfigDict, Any, np.ndarray], list[str]]
+EncodeCandidatesFn = Callable[
+    [ml_collections.ConfigDict, Any, Sequence[Sequence[str]]], tuple[np.ndarray, np.ndarray]
+]
 BuildFn = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 LossFn = Callable[[nnx.Module, Batch, nnx.Rngs], tuple[jax.Array, Mapping[str, jax.Array]]]
 
@@ -62,6 +76,8 @@ class ModelFamily:
     side_tables: Callable[[ml_collections.ConfigDict], Mapping[str, Sequence[Any]]] | None = None
     generate: Callable[..., jax.Array] | None = None
     score: Callable[..., jax.Array] | None = None
+    decode_text: DecodeTextFn | None = None
+    encode_candidates: EncodeCandidatesFn | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
