@@ -35,7 +35,7 @@ is all a config needs. The loop never looks inside a model or a batch; the contr
       The batch carries `candidate_ids int32[B, N, R]`, `candidate_mask bool[B, N, R]` as the
       family's `encode_candidates` lays them out.
   decode_text(config, tokenizer, tokens int[N, T]) -> [str] * N   (optional; eval)
-      Generated ids -> hypothesis text. Default (`evaluate.decode_tokens`): BERT conventions,
+      Generated ids -> hypothesis text. Default (`evaluate.decode_texts`): BERT conventions,
       stop at [SEP] / [PAD], WordPiece pieces joined without spaces. Families on an LLM's own
       tokenizer decode with it (byte-level BPE, stop at eos / the chat template's end token).
   encode_candidates(config, tokenizer, texts [N][C]) -> (int32[N, C, R], bool[N, C, R])
