@@ -592,6 +592,9 @@ def evaluate(
                 )
                 _write_generations(result.generations_path, records, hyps, cand_scores, kinds)
                 _write_json(result.scores_path, scores)
+                from tiktalk_jax import model_card  # reads the two files just written
+
+                model_card.write_model_card(workdir, split, step, config=cfg)
                 writer.write_scalars(step, _scalars(split, scores))
                 writer.flush()
                 result.scores = scores
