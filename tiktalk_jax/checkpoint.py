@@ -6,8 +6,18 @@ Layout of `<workdir>/checkpoints/<step>/` (one Orbax `CheckpointManager` step, a
            them back onto the target shardings (any mesh).
   data/    the input iterator state, one `process_<i>-of-<n>.json` per host (grain states are
            per host).
-  meta/    JSON: step, and `frozen`: the frozen parameters' source path (informational) and
-           content fingerprint (sha256 over paths, dtypes, shapes and bytes).
+  meta/    JSON: step; `frozen`: the frozen parameters' source path (informational) and
+           content fingerprint (sha256 over paths, dtypes, shapes and bytes); `data`: the
+           global batch size and process count the iterator states belong to.
+
+Multi-host. Every process calls save and restore; arrays are written and read collectively
+(each host its shards) into one directory every host can reach: a shared file system or a
+`gs://` bucket (Orbax takes either path). The model and optimizer state restore onto any mesh
+and device count. The data iterator states do not: each host's state is a position in its own
+shard of the shuffled split, and the shards change with the host count (or the global batch
+size). `restore` then raises `DataStateMismatch`, saying why and how to go on (the same host
+count, or `data="restart"`: iterators started afresh), rather than silently training on other
+batches than an uninterrupted run would.
 
 Frozen towers (an LLM, a vision encoder) are rebuilt by the model family from their source at
 every start, so checkpoints stay small. `check_frozen` compares the fingerprint recorded in a
@@ -27,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +57,10 @@ class CheckpointError(RuntimeError):
 
 class FrozenWeightsChanged(CheckpointError):
     """The frozen parameters differ from those a checkpoint was trained with."""
+
+
+class DataStateMismatch(CheckpointError):
+    """The checkpoint's data iterator states cannot continue on this run's hosts or batches."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +84,10 @@ class DataStateHandler(json_checkpoint_handler.JsonCheckpointHandler):
         del item, args
         path = directory / self._process_file()
         if not path.exists():
-            raise CheckpointError(
-                f"{path} missing: the checkpoint was written by a different number of hosts "
-                "(the data iterator state is per host; resume with the same host count)"
+            written = sorted(p.name for p in directory.glob("process_*.json"))
+            raise DataStateMismatch(
+                f"{path} missing (the checkpoint holds {written}): it was written by another "
+                f"number of processes than this run's {jax.process_count()}. " + _HOW_TO_PROCEED
             )
         return json.loads(path.read_text())
 
@@ -88,6 +102,35 @@ class DataStateSave(ocp_args.CheckpointArgs):
 @dataclasses.dataclass
 class DataStateRestore(ocp_args.CheckpointArgs):
     item: Any = None
+
+
+_HOW_TO_PROCEED = (
+    "Each process reads its own shard of the shuffled split, so a position in one shard means "
+    "nothing for another process count or global batch size; the model and optimizer state "
+    "restore onto any mesh. To go on: resume with the checkpoint's process count and "
+    "config.input.batch_size, or pass --data_resume=restart (train_and_evaluate("
+    "data_resume='restart')) to continue from this checkpoint with the data iterators started "
+    "afresh (examples seen before the checkpoint can be seen again, in another order)."
+)
+
+
+def check_data(
+    recorded: Mapping[str, Any] | None, current: Mapping[str, Any] | None, where: str
+) -> None:
+    """Raises `DataStateMismatch` when the iterator states `recorded` in a checkpoint (global
+    batch size, process count) do not fit the `current` run."""
+    if not recorded or not current:
+        return
+    changed = [
+        f"{k} {recorded.get(k)} -> {current.get(k)}"
+        for k in ("process_count", "global_batch_size")
+        if recorded.get(k) != current.get(k)
+    ]
+    if changed:
+        raise DataStateMismatch(
+            f"The data iterator states of {where} cannot resume exactly: {', '.join(changed)}. "
+            + _HOW_TO_PROCEED
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +230,12 @@ def _remove_partial_steps(directory: str) -> None:
     Orbax's own `cleanup_tmp_directories` removes them concurrently, nested temporary item
     directories included, and its parallel rmtrees race (FileNotFoundError on the next save).
     """
-    if jax.process_index() == 0 and os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if _TMP_MARK in name:
-                logging.warning("removing the uncommitted checkpoint %s", name)
-                shutil.rmtree(os.path.join(directory, name))
+    path = epath.Path(directory)
+    if jax.process_index() == 0 and path.is_dir():
+        for child in path.iterdir():
+            if _TMP_MARK in child.name:
+                logging.warning("removing the uncommitted checkpoint %s", child.name)
+                child.rmtree()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tiktalk_jax.checkpoint.remove_partial_steps")
 
@@ -206,7 +250,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # A local path (made absolute) or a URL such as gs://bucket/run/checkpoints.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._pending: int | None = None
         _remove_partial_steps(self.directory)
         self.manager = ocp.CheckpointManager(
@@ -261,20 +306,51 @@ class Checkpointer:
                 f"{self.manager.latest_step()}"
             )
 
-    def restore(self, step: int, target: Any) -> tuple[Any, Any, dict[str, Any]]:
+    def restore(
+        self,
+        step: int,
+        target: Any,
+        *,
+        data_info: Mapping[str, Any] | None = None,
+        data: str = "exact",
+    ) -> tuple[Any, Any, dict[str, Any]]:
         """Restores step `step` onto `target` (a pytree of arrays or ShapeDtypeStructs).
 
+        Args:
+          step: the checkpoint step.
+          target: the state's structure and shardings (any mesh).
+          data_info: this run's `{"global_batch_size", "process_count"}`, checked against
+            the checkpoint's (`check_data`).
+          data: "exact" raises `DataStateMismatch` when this process's iterator state cannot
+            resume exactly; "restart" logs why and returns None as the data state instead.
+
         Returns `(state, data_state, meta)`; `state` has `target`'s structure and shardings,
-        PRNG keys included.
+        PRNG keys included; `data_state` is this process's iterator state (or None).
         """
+        if data not in ("exact", "restart"):
+            raise ValueError(f"data must be 'exact' or 'restart', got {data!r}")
         self.wait()
-        args = ocp.args.Composite(
+        state_args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(keys_to_data(target))),
-            data=DataStateRestore(),
             meta=ocp.args.JsonRestore(),
         )
+        restored = self._restore(step, state_args)
+        meta = dict(restored["meta"])
+        data_state = None
         try:
-            restored = self.manager.restore(step, args=args)
+            check_data(meta.get("data"), data_info, f"{self.directory}/{step}")
+            data_state = self._restore(step, ocp.args.Composite(data=DataStateRestore()))["data"]
+        except DataStateMismatch as e:
+            if data == "exact":
+                raise
+            logging.warning("%s\ndata='restart': the data iterators start afresh.", e)
+        state = data_to_keys(restored["state"], target)
+        logging.info("restored checkpoint step %d from %s", step, self.directory)
+        return state, data_state, meta
+
+    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+        try:
+            return self.manager.restore(step, args=args)
         except CheckpointError:
             raise
         except Exception as e:
@@ -282,9 +358,6 @@ class Checkpointer:
                 f"restoring step {step} from {self.directory} failed: {e}. If the model or the "
                 "`frozen` regex changed since it was written, train in a fresh workdir."
             ) from e
-        state = data_to_keys(restored["state"], target)
-        logging.info("restored checkpoint step %d from %s", step, self.directory)
-        return state, restored["data"], dict(restored["meta"])
 
     def close(self) -> None:
         """Waits for the pending save (raising if it failed) and releases the manager."""

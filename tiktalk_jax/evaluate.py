@@ -65,7 +65,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tiktalk_jax import checkpoint, input_pipeline, metrics, sharding, train
+from tiktalk_jax import checkpoint, distributed, input_pipeline, metrics, sharding, train
 from tiktalk_jax import tokenizer as tokenizer_lib
 from tiktalk_jax.models import registry
 
@@ -524,7 +524,11 @@ def evaluate(
         raise ValueError(f"model family {family.name!r} has no generate(): nothing to evaluate")
     mesh = sharding.make_mesh(cfg.mesh)
     side = family.side_tables(cfg) if family.side_tables else {}
-    datasets = input_pipeline.make_datasets(cfg, side_tables=side, train=False)
+    # Each host reads the rows of every batch its devices hold (tiktalk_jax/distributed.py).
+    shard, shards = distributed.data_shard(mesh)
+    datasets = input_pipeline.make_datasets(
+        cfg, side_tables=side, train=False, process_index=shard, process_count=shards
+    )
     source = datasets.eval_sources[split]
     tokenizer = datasets.tokenizer
 

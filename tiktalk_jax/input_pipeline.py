@@ -748,11 +748,19 @@ def make_global(
     """Host-local batch [B_local, ...] -> global jax.Arrays [B_local * hosts, ...].
 
     The batch dimension is sharded over the mesh's `data_axes` that exist (others replicated);
-    every other dimension is replicated. Works for Explicit and Auto mesh axes.
+    every other dimension is replicated. Works for Explicit and Auto mesh axes. The host batch
+    must be shard `distributed.data_shard(mesh)` of the global batch (hosts holding the same
+    rows, when a model axis spans hosts, pass the same data).
     """
+    from tiktalk_jax import distributed
+
     axes = tuple(a for a in data_axes if a in mesh.axis_names)
     spec = jax.sharding.PartitionSpec(axes if axes else None)
     sharding = jax.sharding.NamedSharding(mesh, spec)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    _, shards = distributed.data_shard(mesh, tuple(data_axes))
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * shards, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    return out

@@ -26,6 +26,15 @@ Modes:
            python -m tiktalk_jax.main --mode=compare --workdir=runs/t --workdir=runs/tvak
 
 `make demo` runs `--mode=demo --workdir=demo_out`.
+
+Multi-host (launch/README.md): every host runs the same command; `--distributed=auto` (the
+default) calls `jax.distributed.initialize` when SLURM, a multi-host TPU environment or the
+flags below say the job has several processes (tiktalk_jax/distributed.py):
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
+Only process 0 writes logs, summaries, scores and config.json; checkpoints are written by all
+processes into the shared workdir (a shared file system or gs://). Resuming on another host
+count restores model and optimizer state and stops at the data iterator unless
+`--data_resume=restart`.
 """
 
 from __future__ import annotations
@@ -59,6 +68,24 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "out", None, "compare: directory for the table and plot (default: 1st workdir)."
 )
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ("auto", "on", "off"),
+    "jax.distributed.initialize: auto (when the environment or the flags below name several "
+    "processes), on (always; JAX detects the cluster), off.",
+)
+flags.DEFINE_string("coordinator_address", None, "Multi-process: process 0's HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_string(
+    "local_device_ids", None, "Multi-process: comma-separated local devices of this process."
+)
+flags.DEFINE_enum(
+    "data_resume", "exact", ("exact", "restart"),
+    "train: resuming where the data iterator states do not fit (another host count or global "
+    "batch size): exact stops with the reason, restart starts the iterators afresh.",
+)  # fmt: skip
 
 
 def _banner(text: str) -> None:
@@ -332,6 +359,19 @@ def _evaluate(config, workdir: str, **kwargs) -> None:
             print(f"  {r.scores_path}\n  {r.generations_path}", flush=True)
 
 
+def start_distributed() -> bool:
+    """`distributed.initialize` from the flags (before anything touches a device)."""
+    from tiktalk_jax import distributed
+
+    return distributed.initialize(
+        FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        local_device_ids=FLAGS.local_device_ids,
+    )
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -352,13 +392,15 @@ def main(argv) -> None:
             f"--mode={FLAGS.mode} takes one --workdir, got {len(FLAGS.workdir)}: {FLAGS.workdir}"
         )
     workdir = FLAGS.workdir[0]
+    if FLAGS.mode in ("train", "eval"):
+        start_distributed()
     if FLAGS.mode == "train":
         if FLAGS.config is None:
             raise app.UsageError("--mode=train needs --config=path.py[:arg]")
         from tiktalk_jax import train
 
         logging.set_verbosity(logging.INFO)
-        result = train.train_and_evaluate(FLAGS.config, workdir)
+        result = train.train_and_evaluate(FLAGS.config, workdir, data_resume=FLAGS.data_resume)
         if FLAGS.config.get("eval", {}).get("at_end") and not result.preempted:
             _evaluate(FLAGS.config, workdir, model=result.model, model_step=result.step)
         return

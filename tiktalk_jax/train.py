@@ -52,11 +52,12 @@ import numpy as np
 import optax
 from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tiktalk_jax import checkpoint, input_pipeline, optim, sharding
+from tiktalk_jax import checkpoint, distributed, input_pipeline, optim, sharding
 from tiktalk_jax.models import registry
 
 
@@ -98,7 +99,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
+        with epath.Path(self.path).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
@@ -132,9 +133,9 @@ class JsonlWriter(metric_writers.MetricWriter):
 def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
     """`metrics.jsonl` as `{step: {name: value}}`, later lines winning (resumed runs)."""
     out: dict[int, dict[str, float]] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if path.exists():
+        with path.open() as f:
             for line in f:
                 if line.strip():
                     record = json.loads(line)
@@ -282,8 +283,8 @@ class _Steps:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+        (epath.Path(workdir) / "config.json").write_text(text)
 
 
 def _log_overview(name: str, state: Any) -> None:
@@ -357,19 +358,26 @@ def train_and_evaluate(
     workdir: str,
     *,
     datasets: input_pipeline.Datasets | None = None,
+    data_resume: str = "exact",
 ) -> TrainResult:
     """Trains `config.model.name` for `config.total_steps`, resuming from `workdir`.
 
     Args:
       config: the full config (configs/common.py documents the fields).
       workdir: checkpoints, summaries and config.json go here; an existing checkpoint resumes.
-      datasets: the input pipelines; None builds them with `input_pipeline.make_datasets`.
+      datasets: the input pipelines; None builds them with `input_pipeline.make_datasets`,
+        each host reading its shard `distributed.data_shard(mesh)`.
+      data_resume: "exact" resumes every host's data iterator where the checkpoint left it
+        and stops with `checkpoint.DataStateMismatch` when that is impossible (another host
+        count or global batch size); "restart" then starts the iterators afresh instead
+        (model and optimizer state are restored either way, onto any mesh).
 
     Returns:
       `TrainResult`. Raises `NonFiniteError` (naming the step) when training diverges and
       `checkpoint.FrozenWeightsChanged` when resuming over other frozen weights.
     """
-    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or gs://
     write_config(config, workdir)
     family = registry.get(config.model.name)
     mesh = sharding.make_mesh(config.mesh)
@@ -379,7 +387,10 @@ def train_and_evaluate(
     # -- Data ------------------------------------------------------------------------------------
     if datasets is None:
         side = family.side_tables(config) if family.side_tables else None
-        datasets = input_pipeline.make_datasets(config, side_tables=side)
+        shard, shards = distributed.data_shard(mesh)
+        datasets = input_pipeline.make_datasets(
+            config, side_tables=side, process_index=shard, process_count=shards
+        )
     train_iter = iter(datasets.train)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
 
@@ -436,13 +447,20 @@ def train_and_evaluate(
             keep=int(config.keep_checkpoints),
             async_save=bool(config.async_checkpoints),
         )
+        data_info = {
+            "global_batch_size": int(config.input.batch_size),
+            "process_count": jax.process_count(),
+        }
         last_saved = ckpt.latest_step()
         if last_saved is not None:
             where = f"{ckpt.directory}/{last_saved}"
-            tree, data_state, meta = ckpt.restore(last_saved, _checkpoint_tree(carry))
+            tree, data_state, meta = ckpt.restore(
+                last_saved, _checkpoint_tree(carry), data_info=data_info, data=data_resume
+            )
             checkpoint.check_frozen(meta.get("frozen"), frozen_info, where)
             carry = _restore_into(carry, tree)
-            train_iter.set_state(data_state)
+            if data_state is not None:
+                train_iter.set_state(data_state)
             logging.info("resumed from %s", where)
         step = int(_fetch(carry["step"]))
 
@@ -488,7 +506,8 @@ def train_and_evaluate(
             nonlocal last_saved
             _raise_if_bad(carry, last_saved)
             state = _checkpoint_tree(carry)
-            ckpt.save(at, state, train_iter.get_state(), {"frozen": frozen_info})
+            meta = {"frozen": frozen_info, "data": data_info}
+            ckpt.save(at, state, train_iter.get_state(), meta)
             last_saved = at
 
         # -- Train -----------------------------------------------------------------------------
