@@ -6,6 +6,8 @@ A tiny T+V+A+K Maria is trained a few steps on the bundled sample once for the m
 test_maria_e2e does), then evaluated (which writes the model card).
 """
 
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -306,40 +308,41 @@ def ref_n_best(tables, cfg):
     return [sorted(h, key=lambda h: -h[0]) for h in hyps]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_beam_search_returns_the_n_best_hypotheses(seed):
-    tables = tuple(map(jnp.asarray, _toy(seed)))
-    cfg = decoding.SearchConfig(
-        max_new_tokens=6, num_beams=3, num_keep_best=4, bos_id=BOS, eos_ids=(SEP, PAD), pad_id=PAD
-    )
+CFG = decoding.SearchConfig(
+    max_new_tokens=6, num_beams=3, num_keep_best=4, bos_id=BOS, eos_ids=(SEP, PAD), pad_id=PAD
+)
 
-    def step(state, tokens, cur_len):
-        w, bias, pos = tables
-        last = jax.lax.dynamic_index_in_dim(tokens, cur_len - 1, axis=1, keepdims=False)
-        h = state + w[last]
-        return h + jnp.repeat(bias, tokens.shape[0] // B, axis=0) + pos[cur_len], h
 
-    out = jax.jit(lambda: decoding.beam_search(step, jnp.zeros((B * 3, V)), B, cfg))()
-    assert out.tokens.shape == (B, 4, 6) and out.scores.shape == (B, 4)
-    for b, hyps in enumerate(ref_n_best(_toy(seed), cfg)):
-        assert len(hyps) == 4
-        for j, (score, hyp) in enumerate(hyps):
-            words = hyp[1:]
-            n = int(out.lengths[b, j])
-            assert n == len(words)
-            np.testing.assert_array_equal(out.tokens[b, j, :n], words)
-            np.testing.assert_allclose(out.scores[b, j], score, rtol=1e-5)
-    # num_keep_best=1 keeps the output shapes of a plain beam search, with its best hypothesis.
-    one = jax.jit(
-        lambda: decoding.beam_search(
-            step,
-            jnp.zeros((B * 3, V)),
-            B,
-            decoding.SearchConfig(**{**vars(cfg), "num_keep_best": 1}),
-        )
-    )()
+def _step(tables, state, tokens, cur_len):
+    w, bias, pos = tables
+    last = jax.lax.dynamic_index_in_dim(tokens, cur_len - 1, axis=1, keepdims=False)
+    h = state + w[last]
+    return h + jnp.repeat(bias, tokens.shape[0] // B, axis=0) + pos[cur_len], h
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _beams(tables, cfg):
+    rows = B * cfg.num_beams
+    step = functools.partial(_step, tables)
+    return decoding.beam_search(step, jnp.zeros((rows, V)), B, cfg)
+
+
+def test_beam_search_returns_the_n_best_hypotheses():
+    for seed in range(3):  # one compilation: the toy model's tables are arguments
+        tables = _toy(seed)
+        out = _beams(tuple(map(jnp.asarray, tables)), CFG)
+        assert out.tokens.shape == (B, 4, 6) and out.scores.shape == (B, 4)
+        for b, hyps in enumerate(ref_n_best(tables, CFG)):
+            assert len(hyps) == 4
+            for j, (score, hyp) in enumerate(hyps):
+                n = int(out.lengths[b, j])
+                assert n == len(hyp) - 1
+                np.testing.assert_array_equal(out.tokens[b, j, :n], hyp[1:])
+                np.testing.assert_allclose(out.scores[b, j], score, rtol=1e-5)
+    # num_keep_best=1 keeps the output shapes of a plain beam search. Keeping more hypotheses
+    # only delays the stop, so the best of the n-best search is at least as good.
+    one = _beams(tuple(map(jnp.asarray, tables)), dataclasses.replace(CFG, num_keep_best=1))
     assert one.tokens.shape == (B, 6)
-    # Keeping more hypotheses only delays the stop, so the best can only get better.
     assert np.all(np.asarray(one.scores) <= np.asarray(out.scores[:, 0]) + 1e-6)
     with pytest.raises(ValueError, match="needs beam search"):
-        decoding.greedy_search(step, jnp.zeros((B, V)), B, cfg)
+        decoding.greedy_search(functools.partial(_step, tables), jnp.zeros((B, V)), B, CFG)
