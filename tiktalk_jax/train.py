@@ -28,6 +28,15 @@ record (a device->host copy of three scalars) only when it logs or checkpoints, 
 with `NonFiniteError` naming the step, before writing any checkpoint. The params written are
 therefore always the last finite ones.
 
+Multi-host (launch/README.md). Every process runs this loop on its share of the devices:
+each reads shard `distributed.data_shard(mesh)` of every global batch (the rows its devices
+hold) and `input_pipeline.make_global` assembles the global `jax.Array`s; checkpoints are
+written collectively into one shared directory (a file system or gs://); only process 0 writes
+config.json, metrics.jsonl and summaries. Resuming restores model and optimizer state onto any
+mesh; the data iterators resume exactly only with the same process count and global batch size
+(`data_resume="restart"` starts them afresh instead of stopping with
+`checkpoint.DataStateMismatch`).
+
 Preemption. SIGTERM sets a flag; after the current step the loop saves a checkpoint of that
 step, waits for it to commit and returns normally. (On multi-host jobs started with
 `jax.distributed.initialize`, Orbax's preemption sync point makes every host stop at the same
