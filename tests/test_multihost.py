@@ -307,3 +307,38 @@ def test_restore_onto_fewer_devices_continues_training(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
                                [ref[s] for s in range(11, 21)], rtol=1e-4)  # fmt: skip
     _assert_states_equal(_saved_state(str(four), 20), _saved_state(str(eight), 20))
+    # Another global batch size: the iterator position would mean other examples; stop.
+    config.input.batch_size = 8
+    with pytest.raises(checkpoint.DataStateMismatch, match="global_batch_size 16 -> 8"):
+        train.train_and_evaluate(config, str(eight), datasets=train_toy.datasets(config))
+
+
+def test_detect_reads_flags_env_slurm_and_tpu():
+    from tiktalk_jax import distributed
+
+    detect = distributed.detect
+    assert detect(environ={}) is None and detect("off", environ={"SLURM_NTASKS": "2"}) is None
+    flags = detect(coordinator_address="h:1", num_processes=2, process_id=1, environ={})
+    assert flags == distributed.Setup("flags", "h:1", 2, 1, None)
+    env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
+           "JAX_LOCAL_DEVICE_IDS": "0,1"}  # fmt: skip
+    assert detect(environ=env) == distributed.Setup("env", "h:2", 4, 3, (0, 1))
+    assert detect(environ={**env, "JAX_NUM_PROCESSES": "1"}) is None
+    with pytest.raises(ValueError, match="missing \\['process_id'\\]"):
+        detect(coordinator_address="h:1", num_processes=2, environ={})
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NTASKS": "16"}  # fmt: skip
+    assert detect(environ=slurm).reason == "slurm"
+    assert detect(environ={**slurm, "SLURM_NTASKS": "1"}) is None  # a one-task salloc
+    per_node = detect(environ={**slurm, "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"})
+    assert per_node == distributed.Setup("slurm", local_device_ids=(0, 1, 2, 3))
+    assert detect(environ={"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}).reason == "tpu"
+    assert detect(environ={"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    assert detect("on", environ={}).reason == "forced"
+
+
+def test_data_shard_of_one_process_is_the_whole_batch():
+    from tiktalk_jax import distributed
+
+    for axes in (dict(data=4, fsdp=2, tensor=1), dict(data=1, fsdp=2, tensor=4)):
+        assert distributed.data_shard(sharding.make_mesh(axes)) == (0, 1)
