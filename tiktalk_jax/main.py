@@ -31,7 +31,7 @@ Multi-host (launch/README.md): every host runs the same command; `--distributed=
 default) calls `jax.distributed.initialize` when SLURM, a multi-host TPU environment or the
 flags below say the job has several processes (tiktalk_jax/distributed.py):
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
-Only process 0 writes logs, summaries, scores and config.json; checkpoints are written by all
+Only process 0 writes config.json, metrics.jsonl, summaries and eval files; checkpoints by all
 processes into the shared workdir (a shared file system or gs://). Resuming on another host
 count restores model and optimizer state and stops at the data iterator unless
 `--data_resume=restart`.
