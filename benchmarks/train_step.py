@@ -67,18 +67,6 @@ from tiktalk_jax.models import registry  # noqa: E402
 
 IMPLS = ("jax", "torch_eager", "torch_compile")
 # A Qwen2.5-1.5B-shaped LLM (HF config of Qwen/Qwen2.5-1.5B); llm.SHAPES has 0.5B and 7B.
-QWEN_1_5B = dict(
-    model_type="qwen2",
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1e6,
-    tie_word_embeddings=True,
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,13 +178,11 @@ def maria_batch(shape: flops.MariaShape, batch: int, seed: int = 0) -> dict[str,
 def blip2_config(size: str, batch: int, vocab_file: str, remat: str):
     """configs/blip2.py (video variant), the LLM of `size` (tiny | 0.5b | 1.5b | 7b), one device."""
     from configs import blip2 as blip2_config_lib
-    from tiktalk_jax.models import llm
 
     names = {"tiny": "tiny", "0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "7b": "qwen2.5-7b"}
     if size not in names:
         raise ValueError(f"blip2 sizes: {sorted(names)}")
     # Registered here for the benchmark only (the configs know 0.5B and 7B).
-    llm.SHAPES.setdefault("qwen2.5-1.5b", QWEN_1_5B)
     config = blip2_config_lib.get_config(f"variant=video,size={names[size]}")
     config.input.tokenizer = vocab_file
     config.input.batch_size = batch

@@ -643,6 +643,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=1e6,
         tie_word_embeddings=True,
     ),
+    # The 1.5B class BLIP-2 is benchmarked with (benchmarks/train_step.py --model=blip2).
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
     "qwen2.5-7b": dict(
         model_type="qwen2",
         vocab_size=152064,
