@@ -1,4 +1,4 @@
-r"""Maria (UniLM over BERT) on TikTalk: the five variants of the paper's Table 7.
+r"""Maria (UniLM over BERT) on TikTalk: the variants of the paper's Tables 3 and 7.
 
     python -m tiktalk_jax.main --config=configs/maria.py:variant=tvak,size=base,\
 data_dir=DATA,tokenizer=/ckpt/bert-base-chinese,init_from=/ckpt/bert-base-chinese \
@@ -6,9 +6,11 @@ data_dir=DATA,tokenizer=/ckpt/bert-base-chinese,init_from=/ckpt/bert-base-chines
     python -m tiktalk_jax.main --mode=eval --workdir=runs/maria_tvak [--eval_split=test]
 
 The config argument (comma-separated `key=value`):
-  variant    t | tv | tva | tvk | tvak: text, + vision (frames), + audio, + knowledge. The
-             variant sets the model flags AND the formatter's segment lengths (a disabled
-             segment has length 0), so choose it here, not with --config.model.variant.
+  variant    t | ta | tk | tv | tva | tvk | tvak: text, + vision (frames), + audio, +
+             knowledge. Table 3: Maria = tv, Maria+Audio = tva, Maria+C3KG = tvk; its ablations
+             text / Audio+text / C3KG+text = t / ta / tk (benchmarks/table3.py). The variant
+             sets the model flags AND the formatter's segment lengths (a disabled segment has
+             length 0), so choose it here, not with --config.model.variant.
   size       base: the paper's settings (below); tiny: a 2-layer model for CPU tests and the demo.
   data_dir   TFDS data dir holding tiktalk/dialogues (built by tfds_builder/tiktalk).
   frames_dir, audio_dir   features datasets of `python -m tiktalk_jax.extract` (default:

@@ -690,9 +690,12 @@ def from_pretrained(
 # The model family: what the train loop and `tiktalk_jax.evaluate` call (models/registry.py).
 # --------------------------------------------------------------------------------------------
 
-# Variant name (configs/maria.py) -> (use_vision, use_audio, use_knowledge): paper Table 7.
+# Variant name (configs/maria.py) -> (use_vision, use_audio, use_knowledge): paper Table 7;
+# ta and tk are Table 3's ablations "Audio+text" and "C3KG+text" (no vision).
 VARIANTS = {
     "t": (False, False, False),
+    "ta": (False, True, False),
+    "tk": (False, False, True),
     "tv": (True, False, False),
     "tva": (True, True, False),
     "tvk": (True, False, True),
