@@ -428,3 +428,83 @@ def test_side_tables_check_the_features_field(vocab_dir, tmp_path):
     config = tiny_config("video", vocab_dir, visual_dir=str(tmp_path), visual_tokens=257)
     with pytest.raises(ValueError, match="visual_tokens"):
         blip2.side_tables(config)
+
+
+# --------------------------------------------------------------------------------------------
+# The bundled sample end to end: extraction, the text LLM run, every variant through the loop.
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_VIT = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tmp_path_factory):
+    """The sample built as `make demo` does, tiny random-init vit_g features with per-frame
+    tokens (`extract --frame_tokens=2`), and a 2-step full fine-tuning `llm` run on it."""
+    from configs import llm_text
+    from tfds_builder import tiktalk
+    from tiktalk_jax import extract, main, sample
+
+    root = tmp_path_factory.mktemp("blip2_sample")
+    raw, data = str(root / "raw"), str(root / "data")
+    sample.write_sample(raw, seed=0)
+    tiktalk.build(raw, data, "dialogues")
+    tiktalk.build(raw, data, "media", num_workers=1)
+    main.write_sample_vocab(raw, data)
+    media = extract.media_dir(data)
+    sources = {s: extract.open_media(media, s) for s in extract.media_splits(media)}
+    encoder = encoders.build_encoder("vit_g", model_config=SAMPLE_VIT, frame_tokens=2)
+    extract.extract_dataset(encoder, sources, str(root / "data" / "features" / "vit_g"),
+                            progress=False, media=dict(dir=media))  # fmt: skip
+    kinds = str(root / "raw" / "sample_kinds.json")
+    run = llm_text.get_config(f"size=tiny,lora=false,data_dir={data},kinds_file={kinds}")
+    _shrink(run)
+    llm_dir = str(root / "llm_text")
+    train.train_and_evaluate(run, llm_dir)
+    return data, kinds, llm_dir
+
+
+def _shrink(config):
+    """A few steps on short sequences; eval with few tokens and candidates (CPU time)."""
+    config.input.update(max_title_len=4, max_context_len=16, max_response_len=8, batch_size=8,
+                        eval_batch_size=32, eval_splits=())  # fmt: skip
+    config.mesh.update(data=2, fsdp=4, tensor=1)
+    config.update(total_steps=2, log_every=1, checkpoint_every=2, async_checkpoints=False)
+    config.decode.update(num_beams=2, max_new_tokens=4)
+    config.eval.update(at_end=False, skip_meteor=True, num_negatives=3)
+
+
+@pytest.mark.parametrize("variant", blip2.VARIANTS)
+def test_each_variant_trains_and_evaluates_on_the_sample(sample_runs, variant, tmp_path):
+    from tiktalk_jax import evaluate
+
+    data, kinds, llm_dir = sample_runs
+    config = blip2_config.get_config(
+        f"variant={variant},size=tiny,data_dir={data},llm_run={llm_dir},kinds_file={kinds},"
+        f"visual_dim={SAMPLE_VIT['hidden_size']},frames=2"
+    )
+    _shrink(config)
+    config.model.qformer.update(hidden_size=16, intermediate_size=32, num_query_tokens=2)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result.step == 2
+    losses = [m["train/loss"] for _, m in sorted(train.read_metrics(str(tmp_path)).items())]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    # The frozen LLM is the llm run's, sharded over fsdp, unchanged by training.
+    mesh = sharding.make_mesh(config.mesh)
+    text_llm = evaluate.ModelLoader(evaluate.load_config(llm_dir), llm_dir, mesh).load(2)
+    before = {k: v for k, v in _params(text_llm).items()}
+    after = {k.removeprefix("llm/"): v for k, v in _params(result.model).items()
+             if k.startswith("llm/")}  # fmt: skip
+    assert set(after) == set(before)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    spec = result.model.llm.layers[0].mlp.up.kernel.get_value().sharding.spec
+    assert "fsdp" in jax.tree.leaves(tuple(spec)), spec
+
+    (scores,) = evaluate.evaluate(config, str(tmp_path), model=result.model, model_step=2)
+    source = ip.open_split(ip.dataset_dir(data), "test")
+    s = scores.scores
+    assert s["split"] == "test" and s["num_examples"] == len(source)
+    assert set(s["per_kind"]) == {"vision", "audio", "knowledge", "text"}
+    assert sum(k["num_examples"] for k in s["per_kind"].values()) == len(source)
+    assert 1 <= s["per_kind"]["vision"]["mean_rank"] <= 4  # 1 reference among 4 candidates
+    assert s["metadata"]["variant"] == variant

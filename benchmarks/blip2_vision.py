@@ -1,0 +1,387 @@
+r"""BLIP-2 on the bundled sample: do the visual variants beat the text-only LLM on replies that
+need vision? Writes docs/blip2_vision.md's tables.
+
+    python benchmarks/blip2_vision.py --workdir=/tmp/blip2_vision [--variants=img,video,temporal]
+        [--llm_steps=N] [--steps=N] [--out=docs/blip2_vision.md] [--probe]
+
+Steps (each reused when --workdir already has its output):
+  1. the sample prepared as `make demo` does (`main.prepare_sample`: release, TFDS build, vocab);
+  2. vit_g features from the tiny RANDOM-INIT ViT (`SAMPLE_VIT`) with per-frame tokens of 4 frames
+     (`--frame_tokens=4`), into DATA/features/vit_g (where configs/blip2.py looks);
+  3. the text-only LLM baseline: configs/llm_text.py:size=tiny,lora=false (full fine-tuning of
+     the tiny random-init decoder), --llm_steps steps -> WORKDIR/runs/llm_text;
+  4. BLIP-2 img / video / temporal (configs/blip2.py:size=tiny) on that run's LLM, frozen
+     (llm_run), --steps steps each -> WORKDIR/runs/blip2_<variant>;
+  5. every run's final model evaluated on test (per-kind scores from raw/sample_kinds.json);
+     a markdown table per reply kind (vision / audio / knowledge / text).
+
+--probe adds the measurements of docs/blip2_vision.md: least-squares probes of colour and shape
+on the ViT tokens (train videos -> held-out val + test videos), and how much the trained
+Q-Former's prefix varies between videos compared with its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tiktalk_jax import main as entry  # noqa: E402
+
+KINDS = entry.ABLATION_KINDS
+METRICS = {"bleu2": "BLEU-2", "cider": "CIDEr", "recall@1": "Recall@1", "mean_rank": "MeanRank"}
+FRAME_TOKENS = 4  # the sample's 4 s videos at 1 fps: every frame
+# The tiny random-init ViT of the CPU smoke run (configs/blip2.py's docstring): 64-d, 2 layers.
+SAMPLE_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+LLM_STEPS = 600
+BLIP2_STEPS = 300
+
+
+def prepare(workdir: str) -> tuple[str, str]:
+    """The sample's data dir and kinds file, prepared unless `workdir` has them."""
+    from tiktalk_jax import input_pipeline, tokenizer
+
+    data_dir, raw_dir = os.path.join(workdir, "data"), os.path.join(workdir, "raw")
+    try:
+        vocab = os.path.join(input_pipeline.dataset_dir(data_dir), tokenizer.VOCAB_FILENAME)
+    except FileNotFoundError:  # not built yet
+        vocab = ""
+    if not os.path.isfile(vocab):
+        entry.prepare_sample(workdir, seed=0)
+    return data_dir, os.path.join(raw_dir, "sample_kinds.json")
+
+
+def extract_vit(data_dir: str) -> str:
+    """The tiny random-init vit_g features (with `frame_features`) of every media split."""
+    from tiktalk_jax import encoders, extract, features
+
+    directory = os.path.join(data_dir, "features", "vit_g")
+    if os.path.isfile(os.path.join(directory, features.METADATA_NAME)):
+        return directory
+    media = extract.media_dir(data_dir)
+    sources = {s: extract.open_media(media, s) for s in extract.media_splits(media)}
+    encoder = encoders.build_encoder("vit_g", model_config=SAMPLE_VIT, frame_tokens=FRAME_TOKENS)
+    start = time.perf_counter()
+    extract.extract_dataset(encoder, sources, directory, progress=False, media=dict(dir=media))
+    print(f"  vit_g RANDOM-INIT {SAMPLE_VIT} -> {directory} {time.perf_counter() - start:.0f} s")
+    return directory
+
+
+def _schedule(config, steps: int) -> None:
+    config.total_steps = config.checkpoint_every = steps
+    config.log_every = max(1, min(100, steps // 6))
+    config.eval.skip_meteor = True  # not in the tables; needs Java
+
+
+def llm_config(data_dir: str, kinds: str, steps: int):
+    from configs import llm_text
+
+    config = llm_text.get_config(f"size=tiny,lora=false,data_dir={data_dir},kinds_file={kinds}")
+    _schedule(config, steps)
+    return config
+
+
+def blip2_config(variant: str, data_dir: str, kinds: str, llm_run: str, steps: int):
+    from configs import blip2
+
+    config = blip2.get_config(
+        f"variant={variant},size=tiny,data_dir={data_dir},llm_run={llm_run},kinds_file={kinds}"
+    )
+    _schedule(config, steps)
+    return config
+
+
+def run(config, run_dir: str) -> dict:
+    """Trains and evaluates `config` in `run_dir`; a run with its final scores is reused."""
+    from tiktalk_jax import evaluate
+
+    path = evaluate.scores_path(run_dir, "test", int(config.total_steps))
+    if os.path.isfile(path):
+        print(f"  reused {path}")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    scores, trained, evaluated = entry.train_and_evaluate_variant(config, run_dir, True)
+    print(f"  trained {trained:.0f} s, evaluated {evaluated:.0f} s -> {run_dir}", flush=True)
+    return scores.scores
+
+
+def table(scores: dict[str, dict]) -> str:
+    """Markdown: a row per (kind, metric), a column per run; the best value in bold."""
+    names = list(scores)
+    lines = ["| kind | n | metric | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    for kind in (*KINDS, None):
+        first = scores[names[0]]
+        n = first["per_kind"][kind]["num_examples"] if kind else first["num_examples"]
+        for i, (metric, label) in enumerate(METRICS.items()):
+            row = [
+                s["per_kind"][kind][metric] if kind else {**s["nlg_scores"], **s["retrieval"]}[metric]
+                for s in scores.values()
+            ]
+            best = (min if metric == "mean_rank" else max)(row)
+            cells = [f"**{x:.1f}**" if x == best and row.count(x) < len(row) else f"{x:.1f}"
+                     for x in row]  # fmt: skip
+            head = f"| {kind or 'all'} | {n} |" if i == 0 else "| | |"
+            lines.append(f"{head} {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements (--probe).
+# --------------------------------------------------------------------------------------------
+
+
+def video_attributes() -> dict[str, dict]:
+    """Every sample video's colour / shape / split (the sample is deterministic in its seed)."""
+    from tiktalk_jax import sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return sample.write_sample(tmp, seed=0)["videos"]
+
+
+def _standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def linear_probe(x_train, y_train, x_test, y_test) -> tuple[int, int]:
+    """Least-squares one-vs-rest probe on standardized inputs: (correct, total) on test."""
+    x_train, x_test = _standardize(x_train, x_test)
+    classes = sorted(set(y_train))
+    onehot = np.array([[y == c for c in classes] for y in y_train], np.float64)
+    design = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
+    w = np.linalg.lstsq(design(x_train), onehot, rcond=1e-6)[0]
+    pred = [classes[i] for i in (design(x_test) @ w).argmax(1)]
+    return sum(p == y for p, y in zip(pred, y_test)), len(y_test)
+
+
+def feature_probes(vit_dir: str) -> dict[str, dict[str, str]]:
+    """Colour / shape probes on the stored vit_g `features` (mean over frames): the class token,
+    the mean patch token, and all tokens of a pooled 4 x 4 patch grid."""
+    from tiktalk_jax import features
+
+    attrs = video_attributes()
+    data: dict[str, list] = {"train": [], "heldout": []}
+    for split in ("train", "val", "test"):
+        table = features.FeatureTable(vit_dir, split)
+        for i, video_id in enumerate(table.keys):
+            a = attrs.get(video_id)
+            if a is None or a.get("bad"):
+                continue
+            tokens = np.asarray(table[i]["features"], np.float64)
+            data["train" if split == "train" else "heldout"].append((tokens, a))
+    views = {
+        "class token": lambda t: t[0],
+        "mean patch token": lambda t: t[1:].mean(0),
+        "4x4 pooled patch grid": lambda t: _grid(t[1:], 4).reshape(-1),
+    }
+    out: dict[str, dict[str, str]] = {}
+    for name, view in views.items():
+        xs = {k: np.stack([view(t) for t, _ in v]) for k, v in data.items()}
+        out[name] = {}
+        for attr in ("colour", "shape"):
+            ys = {k: [a[attr] for _, a in v] for k, v in data.items()}
+            ok, n = linear_probe(xs["train"], ys["train"], xs["heldout"], ys["heldout"])
+            out[name][attr] = f"{ok}/{n}"
+    return out
+
+
+def _grid(patches: np.ndarray, g: int) -> np.ndarray:
+    side = int(round(np.sqrt(len(patches))))
+    x = patches.reshape(side, side, -1)[: side // g * g, : side // g * g]
+    return x.reshape(g, side // g, g, side // g, -1).mean((1, 3))
+
+
+def prefix_probe(run_dir: str) -> dict[str, float]:
+    """The trained Q-Former's projected prefix over the test videos: its mean norm per query
+    token, the spread between videos, and a colour probe on it (train -> held-out videos)."""
+    import jax
+    from flax import nnx
+
+    from tiktalk_jax import evaluate, features, sharding
+    from tiktalk_jax.models import blip2
+
+    config = evaluate.load_config(run_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    loader = evaluate.ModelLoader(config, run_dir, mesh)
+    model = loader.load(loader.steps()[-1])
+    attrs = video_attributes()
+    field, frames = config.input.visual_field, int(config.input.visual_frames)
+    rows: dict[str, list] = {"train": [], "heldout": []}
+    prefix = nnx.jit(lambda m, v, k: m.visual_prefix(v, k)[0])
+    for split in ("train", "val", "test"):
+        table = features.FeatureTable(blip2.features_dir(config), split)
+        for i, video_id in enumerate(table.keys):
+            a = attrs.get(video_id)
+            if a is None or a.get("bad"):
+                continue
+            tokens = np.asarray(table[i][field], np.float32)
+            tokens = tokens.reshape(-1, *tokens.shape[-2:])[:frames][None]
+            with jax.set_mesh(mesh):
+                p = np.asarray(prefix(model, tokens, np.ones(tokens.shape[:2], bool)))[0]
+            rows["train" if split == "train" else "heldout"].append((p, a))
+    every = np.stack([p for v in rows.values() for p, _ in v])
+    xs = {k: np.stack([p.reshape(-1) for p, _ in v]) for k, v in rows.items()}
+    colour = linear_probe(xs["train"], [a["colour"] for _, a in rows["train"]],
+                          xs["heldout"], [a["colour"] for _, a in rows["heldout"]])  # fmt: skip
+    embed = np.asarray(model.llm.embed.embedding.get_value())
+    return {
+        "prefix token norm": float(np.linalg.norm(every, axis=-1).mean()),
+        "between-video std / norm": float(every.std(0).mean() / np.abs(every).mean()),
+        "word embedding norm": float(np.linalg.norm(embed, axis=-1).mean()),
+        "colour probe on the prefix": f"{colour[0]}/{colour[1]}",
+    }
+
+
+class _Run:
+    """A trained run's final model with its split's dialogues (side records joined) and
+    formatter, for the measurements below."""
+
+    def __init__(self, run_dir: str, split: str):
+        from tiktalk_jax import evaluate, input_pipeline, sharding
+        from tiktalk_jax.models import registry
+
+        config = evaluate._with_eval_split(evaluate.load_config(run_dir), split)
+        self.config, self.family = config, registry.get(config.model.name)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.side = self.family.side_tables(config)[split] if self.family.side_tables else []
+        data = input_pipeline.make_datasets(config, side_tables={split: self.side}, train=False)
+        self.tokenizer, self.source = data.tokenizer, data.eval_sources[split]
+        loader = evaluate.ModelLoader(config, run_dir, self.mesh)
+        self.model = loader.load(loader.steps()[-1])
+        self.kinds = json.load(open(evaluate.find_kinds_file(config), encoding="utf-8"))
+        self.format = input_pipeline.get_formatter(
+            config.model.name, config.input, self.tokenizer, train=True
+        )
+
+    def records(self, kind: str) -> list[dict]:
+        from tiktalk_jax.input_pipeline import as_text
+
+        out = []
+        for i in range(len(self.source)):
+            record = dict(self.source[i])
+            if self.kinds.get(as_text(record["dialogue_id"])) != kind:
+                continue
+            for t in self.side:
+                record[t.name] = t.source[t.index()[as_text(record[t.dialogue_field])]]
+            out.append(record)
+        return out
+
+    def batches(self, records: list[dict], blind: bool, size: int = 32):
+        """Formatted batches of `size` (the last padded, `example_mask` False on padding)."""
+        for start in range(0, len(records), size):
+            rows = records[start : start + size]
+            mask = np.arange(size) < len(rows)
+            rows = rows + [rows[0]] * (size - len(rows))
+            batch = {**self.format(rows), "example_mask": mask}
+            if blind:
+                batch["visual_mask"] = np.zeros_like(batch["visual_mask"])
+            yield rows, batch
+
+
+def kind_losses(run_dir: str, split: str, *, blind: bool = False) -> dict[str, float]:
+    """Teacher-forced response loss (nats per token) of the run's final model on the dialogues
+    of each kind of `split` (their first reference); `blind`: BLIP-2 without its frames."""
+    import jax
+    from flax import nnx
+
+    r = _Run(run_dir, split)
+
+    @nnx.jit
+    def summed(model, batch):
+        loss, aux = r.family.loss_fn(model, batch)
+        return loss * aux["tokens"], aux["tokens"]
+
+    out = {}
+    for kind in KINDS:
+        total = count = 0.0
+        for _, batch in r.batches(r.records(kind), blind):
+            with jax.set_mesh(r.mesh):
+                loss, tokens = summed(r.model, batch)
+            total, count = total + float(loss), count + float(tokens)
+        out[kind] = round(total / count, 3)
+    return out
+
+
+def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
+    """Does the model know the colour? For every vision dialogue of `split` whose first
+    reference names one colour, the reference with each of the sample's 4 colour words put in
+    (all 2 characters) is scored by the model's likelihood; returns `right/total` argmaxes."""
+    import jax
+    from flax import nnx
+
+    from tiktalk_jax import sample
+
+    r = _Run(run_dir, split)
+    words = [w for w, _ in sample.COLOURS.values()]
+    score = nnx.jit(lambda m, b: r.family.score(m, b, r.config))
+    right = total = 0
+    records = []
+    for record in r.records("vision"):
+        reply = str(np.asarray(record["responses"]).reshape(-1)[0], "utf-8") if isinstance(
+            np.asarray(record["responses"]).reshape(-1)[0], bytes
+        ) else str(record["responses"][0])
+        named = [w for w in words if w in reply]
+        if len(named) == 1:
+            records.append((record, [reply.replace(named[0], w) for w in words], words.index(named[0])))
+    for start in range(0, len(records), 32):
+        chunk = records[start : start + 32]
+        for rows, batch in r.batches([c[0] for c in chunk], blind):
+            cands = [c[1] for c in chunk] + [chunk[0][1]] * (len(rows) - len(chunk))
+            ids, mask = r.family.encode_candidates(r.config, r.tokenizer, cands)
+            with jax.set_mesh(r.mesh):
+                s = np.asarray(score(r.model, {**batch, "candidate_ids": ids, "candidate_mask": mask}))
+            pred = s[: len(chunk)].argmax(1)
+            right += int(sum(p == c[2] for p, c in zip(pred, chunk)))
+            total += len(chunk)
+    return f"{right}/{total}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--variants", default="img,video,temporal")
+    p.add_argument("--llm_steps", type=int, default=LLM_STEPS)
+    p.add_argument("--steps", type=int, default=BLIP2_STEPS)
+    p.add_argument("--out", default=None, help="also write the tables into this markdown file")
+    p.add_argument("--probe", action="store_true")
+    args = p.parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    start = time.perf_counter()
+    data_dir, kinds = prepare(args.workdir)
+    vit_dir = extract_vit(data_dir)
+    print(f"data ready {time.perf_counter() - start:.0f} s", flush=True)
+    runs = os.path.join(args.workdir, "runs")
+    llm_run = os.path.join(runs, "llm_text")
+    scores = {"LLM (text)": run(llm_config(data_dir, kinds, args.llm_steps), llm_run)}
+    for variant in args.variants.split(","):
+        config = blip2_config(variant, data_dir, kinds, llm_run, args.steps)
+        scores[f"BLIP-2 {variant}"] = run(config, os.path.join(runs, f"blip2_{variant}"))
+    text = table(scores)
+    text = (
+        f"LLM {args.llm_steps} steps, BLIP-2 {args.steps} steps "
+        f"({time.perf_counter() - start:.0f} s in all)\n\n{text}\n"
+    )
+    if args.probe:
+        probes = feature_probes(vit_dir)
+        text += "\nLinear probes on the tiny ViT's tokens (held-out videos correct)\n\n"
+        text += "| tokens | colour | shape |\n|---|---|---|\n"
+        text += "".join(f"| {k} | {v['colour']} | {v['shape']} |\n" for k, v in probes.items())
+        for variant in args.variants.split(","):
+            found = prefix_probe(os.path.join(runs, f"blip2_{variant}"))
+            text += f"\nBLIP-2 {variant} prefix: " + json.dumps(found, ensure_ascii=False) + "\n"
+    with open(os.path.join(args.workdir, "blip2_vision.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
