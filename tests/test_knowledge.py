@@ -343,7 +343,7 @@ def test_lexical_near_duplicates_threshold_and_knowledge_text():
         assert o["heads"][0] == item[1]
         assert o["knowledge"].split(";")[0] == item[2]  # the xAttr tail leads
     # Families order the tails: xAttr before event flow, joined with ";"; scores descend.
-    assert out[0]["knowledge"].startswith("自律;PersonX 喝水")
+    assert out[0]["knowledge"].startswith(f"{sample.KNOWLEDGE_TRAIN[0][2]};PersonX 喝水")
     assert out[0]["scores"][0] >= out[0]["scores"][-1]
     assert out[-1] == {"dialogue_id": "none", "knowledge": "", "heads": [], "scores": []}
     # Only heads with tails in the chosen families are indexed.
@@ -371,13 +371,14 @@ def test_random_encoder_for_plumbing():
 def test_title_modes():
     kg = _sample_like_kg()
     enc = LexicalEncoder.fit(kg.heads)
-    rec = {"dialogue_id": "x", "title": "每天都去跑步的一天", "context": ["真的假的"]}
+    event, head = sample.KNOWLEDGE_TRAIN[0][:2]
+    rec = {"dialogue_id": "x", "title": f"{event}的一天", "context": ["真的假的"]}
     by_mode = {}
     for mode in ("vector", "text", "none"):
         cfg = retrieval.RetrievalConfig(k=1, title_mode=mode)
         by_mode[mode] = retrieval.KnowledgeRetriever(kg, enc, cfg).retrieve([rec])[0]
-    assert by_mode["vector"]["heads"] == ["PersonX 每天跑步"]
-    assert by_mode["text"]["heads"] == ["PersonX 每天跑步"]
+    assert by_mode["vector"]["heads"] == [head]
+    assert by_mode["text"]["heads"] == [head]
     assert by_mode["none"]["heads"] == []  # the context alone shares nothing with any head
 
 

@@ -16,11 +16,12 @@ Replies come in four kinds, and each kind needs one source of information:
   vision     the context asks what is seen ("这是什么颜色的"); the reply names the colour and/or
              shape ("这个红色的圆转得好快").
   audio      the context asks what is heard; the reply names the sound ("一直是哔哔声").
-  knowledge  the context mentions an event that is a head of knowledge.tsv ("我室友每天都去跑步"
-             ~ "PersonX 每天跑步"); the reply uses its xAttr tail ("真是自律"). Each train video
-             has a head of its own; val and test use only heads (and tails) of their own, so
-             only a model that reads the retrieved knowledge can answer them. Their tails are
-             new words made of characters the train tails use.
+  knowledge  the context mentions an event that is a head of knowledge.tsv ("我室友周末去钓鱼"
+             ~ "PersonX 周末去钓鱼"); the reply uses its xAttr tail ("真是自律"). Every train
+             dialogue of this kind has a head of its own (time x activity, tails shared at
+             random), so the tail can only come from the retrieved knowledge; val and test use
+             only natural heads (and tails) of their own, new words made of characters the train
+             tails use.
   text       the reply follows from the text alone (a question and its fitting answer, an
              agreement with the previous turn, "同问" follow-ups).
 The mapping from attribute to key word is deterministic; wording varies over a few templates.
@@ -158,66 +159,91 @@ AUDIO_ANSWERS = (
     "{w}，耳朵受不了",
 )
 
-# (how a comment says it, C3KG head, xAttr tail = the answer, xWant tail, xEffect tail). The xAttr
-# tail is the reply's key word; the other relations are there so retrieval has distractors.
-# Every train video that makes dialogues talks about a head of its own (44 heads), so a model
-# cannot get far by memorising event -> tail: it has to learn to copy the tail from the retrieved
-# knowledge. Val and test talk only about heads of their own, whose tails are new words made of
-# characters the train tails use (`_check_knowledge`): the output embeddings they need are trained.
-KNOWLEDGE_TRAIN = (
-    ("每天都去跑步", "PersonX 每天跑步", "自律", "保持身材", "身体变好"),
-    ("天天熬夜打游戏", "PersonX 熬夜打游戏", "贪玩", "通关", "第二天犯困"),
-    ("把工资都捐了", "PersonX 捐出工资", "大方", "帮助别人", "自己没钱花"),
-    ("一口气吃了十个包子", "PersonX 吃了很多包子", "能吃", "再来一碗", "撑着了"),
-    ("每周都给妈妈打电话", "PersonX 给妈妈打电话", "孝顺", "多陪陪家人", "妈妈很开心"),
-    ("天天记账", "PersonX 每天记账", "节俭", "存钱", "攒下一笔钱"),
-    ("下雨天把伞让给陌生人", "PersonX 把伞让给陌生人", "热心", "帮陌生人挡雨", "自己淋湿了"),
-    ("一个人去爬雪山", "PersonX 独自爬雪山", "勇敢", "登上山顶", "累得不行"),
-    ("给女朋友准备了惊喜", "PersonX 给女朋友准备惊喜", "浪漫", "让她开心", "女朋友很感动"),
-    ("整天躺在床上刷手机", "PersonX 躺着刷手机", "懒", "继续躺着", "颈椎疼"),
-    ("把房间收拾得一尘不染", "PersonX 打扫房间", "爱干净", "住得舒服", "房间很整洁"),
-    ("讲笑话把大家逗笑了", "PersonX 讲笑话", "幽默", "逗大家开心", "大家都笑了"),
-    ("每天练琴三小时", "PersonX 每天练琴", "勤奋", "开演奏会", "琴技进步"),
-    ("排队三小时买奶茶", "PersonX 排队买奶茶", "有耐心", "喝到奶茶", "腿酸"),
-    ("考试前一晚才开始复习", "PersonX 考前突击复习", "拖延", "及格就行", "很焦虑"),
-    ("养了五只猫", "PersonX 养了很多猫", "爱猫", "再养一只", "家里都是猫毛"),
-    ("每天给流浪狗喂饭", "PersonX 喂流浪狗", "善良", "给狗找个家", "狗都认识他"),
-    ("把同学的作业全抄了", "PersonX 抄作业", "耍滑", "不被发现", "被老师批评"),
-    ("一个月读了二十本书", "PersonX 读了很多书", "博学", "再读几本", "知识变多"),
-    ("天天给大家带早饭", "PersonX 给大家带早饭", "体贴", "让大家吃好", "大家很感谢"),
-    ("吵架从来不让步", "PersonX 吵架不让步", "固执", "吵赢", "朋友变少"),
-    ("见到虫子就尖叫", "PersonX 见到虫子尖叫", "胆小", "离虫子远点", "吓到别人"),
-    ("出门总是忘带钥匙", "PersonX 忘带钥匙", "马虎", "找人开门", "在门口等"),
-    ("每天对着镜子自拍", "PersonX 对着镜子自拍", "自恋", "发朋友圈", "手机里全是照片"),
-    ("只买最贵的牌子", "PersonX 只买最贵", "讲究", "买到好东西", "花了很多钱"),
-    ("什么谣言都信", "PersonX 什么都信", "天真", "相信别人", "被骗了"),
-    ("饭还没吃完就去洗碗", "PersonX 马上洗碗", "勤快", "厨房干净", "碗洗好了"),
-    ("每次聚餐都抢着买单", "PersonX 抢着买单", "豪爽", "请大家吃饭", "钱包变瘪"),
-    ("一句话不说扭头就走", "PersonX 扭头就走", "高冷", "一个人待着", "大家很尴尬"),
-    ("说到的事一定做到", "PersonX 说到做到", "靠谱", "把事办好", "大家信任他"),
-    ("连着三天没洗头", "PersonX 不洗头", "邋遢", "再躺一天", "头发很油"),
-    ("看个电影哭了三次", "PersonX 看电影哭", "感性", "再看一遍", "眼睛哭肿了"),
-    ("半夜一个人去看海", "PersonX 半夜去看海", "文艺", "看日出", "吹了一夜风"),
-    ("把所有人的生日都记住了", "PersonX 记住生日", "细心", "送生日礼物", "朋友很惊喜"),
-    ("一上台就唱个不停", "PersonX 上台唱歌", "活泼", "多唱几首", "嗓子哑了"),
-    ("每天六点准时起床", "PersonX 六点起床", "规律", "早睡早起", "精神很好"),
-    ("被人插队也不吭声", "PersonX 被插队不吭声", "老实", "排到自己", "又等了很久"),
-    ("一个人扛起了全家", "PersonX 扛起全家", "坚强", "让家人过好", "很辛苦"),
-    ("总在背后说别人坏话", "PersonX 说别人坏话", "小气", "让别人难堪", "没人理他"),
-    ("每次考试都考第一", "PersonX 考第一", "聪明", "保持第一", "拿了奖学金"),
-    ("给路人指了半小时路", "PersonX 给路人指路", "友好", "帮人找到路", "自己迟到了"),
-    ("刚买的手机就摔碎了", "PersonX 摔碎新手机", "倒霉", "修好手机", "很心疼"),
-    ("从小就想当医生", "PersonX 想当医生", "有理想", "考医学院", "一直在努力"),
-    ("累了也一直在笑", "PersonX 累了也笑", "乐观", "开心过每一天", "感染了别人"),
+# Train knowledge. A model that sees an event with the same tail many times learns event -> tail
+# by heart and never reads the knowledge (measured: docs/ablation.md). So every train dialogue of
+# the knowledge kind talks about a head of its own, made of a time and an activity
+# ("周末去钓鱼" ~ "PersonX 周末去钓鱼"), and the heads share these (xAttr, xWant, xEffect) tails
+# at random: the tail can only come from the retrieved knowledge. Val and test talk only about
+# natural heads of their own (below) whose tails are new words made of characters the train tails
+# use (`_check_knowledge`), so the output embeddings they need are trained.
+KNOWLEDGE_TRAIN_TAILS = (
+    ("自律", "保持身材", "身体变好"),
+    ("贪玩", "通关", "第二天犯困"),
+    ("大方", "帮助别人", "自己没钱花"),
+    ("能吃", "再来一碗", "撑着了"),
+    ("孝顺", "多陪陪家人", "妈妈很开心"),
+    ("节俭", "存钱", "攒下一笔钱"),
+    ("热心", "帮陌生人挡雨", "自己淋湿了"),
+    ("勇敢", "登上山顶", "累得不行"),
+    ("浪漫", "让她开心", "女朋友很感动"),
+    ("懒", "继续躺着", "颈椎疼"),
+    ("爱干净", "住得舒服", "房间很整洁"),
+    ("幽默", "逗大家开心", "大家都笑了"),
+    ("勤奋", "开演奏会", "琴技进步"),
+    ("有耐心", "喝到奶茶", "腿酸"),
+    ("拖延", "及格就行", "很焦虑"),
+    ("爱猫", "再养一只", "家里都是猫毛"),
+    ("善良", "给狗找个家", "狗都认识他"),
+    ("耍滑", "不被发现", "被老师批评"),
+    ("博学", "再读几本", "知识变多"),
+    ("体贴", "让大家吃好", "大家很感谢"),
+    ("固执", "吵赢", "朋友变少"),
+    ("胆小", "离虫子远点", "吓到别人"),
+    ("马虎", "找人开门", "在门口等"),
+    ("自恋", "发朋友圈", "手机里全是照片"),
+    ("讲究", "买到好东西", "花了很多钱"),
+    ("天真", "相信别人", "被骗了"),
+    ("勤快", "厨房干净", "碗洗好了"),
+    ("豪爽", "请大家吃饭", "钱包变瘪"),
+    ("高冷", "一个人待着", "大家很尴尬"),
+    ("靠谱", "把事办好", "大家信任他"),
+    ("邋遢", "再躺一天", "头发很油"),
+    ("感性", "再看一遍", "眼睛哭肿了"),
+    ("文艺", "看日出", "吹了一夜风"),
+    ("细心", "送生日礼物", "朋友很惊喜"),
+    ("活泼", "多唱几首", "嗓子哑了"),
+    ("规律", "早睡早起", "精神很好"),
+    ("老实", "排到自己", "又等了很久"),
+    ("坚强", "让家人过好", "很辛苦"),
+    ("小气", "让别人难堪", "没人理他"),
+    ("聪明", "保持第一", "拿了奖学金"),
+    ("友好", "帮人找到路", "自己迟到了"),
+    ("倒霉", "修好手机", "很心疼"),
+    ("有理想", "考医学院", "一直在努力"),
+    ("乐观", "开心过每一天", "感染了别人"),
 )
+_TIMES = ("每天", "周末", "半夜", "一大早", "下班后", "放学后", "每周三", "过年时")
+_ACTIVITIES = (
+    "去钓鱼", "打游戏", "练书法", "做蛋糕", "学吉他", "追剧", "逛超市", "去爬山", "写代码",
+    "背古诗", "打篮球", "去游泳", "遛狗", "种菜", "拼乐高", "看小说", "跳广场舞", "练拳击",
+    "画油画", "去唱歌", "修自行车", "做手工", "骑车兜风", "喂鸽子", "练瑜伽", "研究菜谱",
+    "学日语", "去露营", "拍星空", "织毛衣",
+)  # fmt: skip
+# Heads per train video: one level-1 comment each, every video's five knowledge dialogues differ.
+KNOWLEDGE_PER_TRAIN_VIDEO = 5
+
+
+def _train_heads() -> tuple[tuple[str, str, str, str, str], ...]:
+    """(event, head, xAttr, xWant, xEffect) for every time x activity, in a fixed shuffled
+    order, the tails cycling through KNOWLEDGE_TRAIN_TAILS (so each tail has several heads)."""
+    rng = np.random.default_rng(20231112)  # fixed: the heads do not depend on the sample seed
+    events = [t + a for t in _TIMES for a in _ACTIVITIES]
+    events = [events[i] for i in rng.permutation(len(events))]
+    tails = KNOWLEDGE_TRAIN_TAILS
+    order = rng.permutation(len(events))
+    return tuple((e, f"PersonX {e}", *tails[int(k) % len(tails)]) for e, k in zip(events, order))
+
+
+# 44 train videos make dialogues (40 good + 4 bad ones whose records parse), 5 heads each.
+KNOWLEDGE_TRAIN = _train_heads()[: 44 * KNOWLEDGE_PER_TRAIN_VIDEO]
 KNOWLEDGE_VAL_ONLY = (
     ("过马路要看三遍红绿灯", "PersonX 看三遍红绿灯", "小心", "平安到家", "走得很慢"),
     ("丢了钱包还在哼歌", "PersonX 丢钱包还哼歌", "乐天", "不想烦心事", "钱包没找回来"),
     ("一眼就看穿了魔术", "PersonX 看穿魔术", "高明", "揭穿魔术", "魔术师很尴尬"),
     ("周末从早玩到晚", "PersonX 周末一直玩", "爱玩", "多玩几天", "作业没写"),
     ("每天早起背单词", "PersonX 早起背单词", "好学", "考过四级", "词汇量变大"),
-    ("帮朋友搬了一整天家", "PersonX 帮朋友搬家", "真心", "帮朋友", "累得腰疼"),
-    ("发现同事换了发型", "PersonX 发现同事换发型", "心细", "夸同事", "同事很开心"),
+    ("帮同学搬了一整天家", "PersonX 帮同学搬家", "真心", "帮同学", "累得腰疼"),
+    ("发现邻居换了发型", "PersonX 发现邻居换发型", "心细", "夸邻居", "邻居很开心"),
     ("把中的奖金分给了大家", "PersonX 分奖金", "大气", "让大家高兴", "大家都感谢他"),
 )
 KNOWLEDGE_TEST_ONLY = (
@@ -500,27 +526,30 @@ def _question(kind: str, video: dict, know: tuple, rng: np.random.Generator):
     return str(rng.choice(questions)), answers, [a.format(k=key) for a in TEXT_AGREE]
 
 
-def _train_comments(c: _Comments, video: dict, know: tuple) -> None:
-    """One thread per kind, 6 dialogues each: vision/audio/knowledge get 5 direct answers, a
-    "同问"-style turn (a text dialogue) and an answer to that; text gets a three-deep chain
-    (answer, agreement, "握个手")."""
+def _train_comments(c: _Comments, video: dict, knows: Sequence[tuple]) -> None:
+    """One thread per kind, 6 dialogues each: vision/audio get 5 direct answers, a "同问"-style
+    turn (a text dialogue) and an answer to that; text gets a three-deep chain (answer,
+    agreement, "握个手"); knowledge gets one level-1 comment per head of `knows`, each with one
+    answer, and the first also the "同问" turn and its answer."""
     kinds = [k for k in KINDS if video["has_audio"] or k != "audio"]
     for kind in kinds:
-        question, answers, follow = _question(kind, video, know, c.rng)
-        top = c.top(question)
-        if kind == "text":
-            first = c.reply(top, str(c.rng.choice(answers)), kind=kind)
-            agree = c.reply(top, c.pick(follow, 1)[0], to=first, kind=kind)
-            c.reply(top, str(c.rng.choice(TEXT_CHAIN_END)), to=agree, kind=kind)
-        else:
-            for text in c.pick(answers, 5):
-                c.reply(top, text, kind=kind)
-            same = c.reply(top, str(c.rng.choice(SAME_QUESTION[kind])), kind="text")
-            c.reply(top, c.pick(follow, 1)[0], to=same, kind=kind)
-        if c.rng.random() < 0.2:  # a genuine answer nobody liked
-            c.reply(top, str(c.rng.choice(answers)), kind=kind, likes=0)
-        if c.rng.random() < 0.15:  # nothing left after cleaning: no dialogue
-            c.reply(top, str(c.rng.choice(_EMPTY_AFTER_CLEANING)), decorate=False)
+        for i, know in enumerate(knows if kind == "knowledge" else knows[:1]):
+            question, answers, follow = _question(kind, video, know, c.rng)
+            top = c.top(question)
+            if kind == "text":
+                first = c.reply(top, str(c.rng.choice(answers)), kind=kind)
+                agree = c.reply(top, c.pick(follow, 1)[0], to=first, kind=kind)
+                c.reply(top, str(c.rng.choice(TEXT_CHAIN_END)), to=agree, kind=kind)
+            else:
+                for text in c.pick(answers, 1 if kind == "knowledge" else 5):
+                    c.reply(top, text, kind=kind)
+                if i == 0:
+                    same = c.reply(top, str(c.rng.choice(SAME_QUESTION[kind])), kind="text")
+                    c.reply(top, c.pick(follow, 1)[0], to=same, kind=kind)
+            if c.rng.random() < 0.2:  # a genuine answer nobody liked
+                c.reply(top, str(c.rng.choice(answers)), kind=kind, likes=0)
+            if c.rng.random() < 0.15:  # nothing left after cleaning: no dialogue
+                c.reply(top, str(c.rng.choice(_EMPTY_AFTER_CLEANING)), decorate=False)
     if c.rng.random() < 0.3:
         c.top(str(c.rng.choice(_LONELY_TOP)))
 
@@ -606,7 +635,7 @@ def _eval_knowledge(n: int, deep: list[str], split: str, rng) -> list[tuple[tupl
 def _check_knowledge() -> None:
     """The sample's promises about knowledge: train tails are distinct and none contains another
     (a reply names one tail), and every character of a val/test tail occurs in a train tail."""
-    train_tails = [e[2] for e in KNOWLEDGE_TRAIN]
+    train_tails = [t[0] for t in KNOWLEDGE_TRAIN_TAILS]
     seen = set("".join(train_tails))
     all_tails = train_tails + [e[2] for e in KNOWLEDGE_VAL_ONLY + KNOWLEDGE_TEST_ONLY]
     for i, a in enumerate(all_tails):
@@ -725,8 +754,9 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
 
     kinds: dict[str, str] = {}
     records: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
-    # One head per train video that makes dialogues (the malformed record makes none).
-    train_heads = iter(np.resize(rng.permutation(len(KNOWLEDGE_TRAIN)), len(videos)))
+    # Five heads per train video that makes dialogues (the malformed record makes none).
+    per_video = KNOWLEDGE_PER_TRAIN_VIDEO
+    train_heads = iter(range(0, len(KNOWLEDGE_TRAIN), per_video))
     for split in ("val", "test"):
         split_videos = [v for v in videos if v["split"] == split]
         n = _GOOD_VIDEOS[split]
@@ -745,9 +775,8 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
         keep_kinds = video["bad"] not in ("malformed_record", "unsafe_video_id")
         c = _Comments(vid, rng, next_id, kinds if keep_kinds else {})
         if split == "train":
-            usable = video["bad"] != "malformed_record"
-            know = KNOWLEDGE_TRAIN[next(train_heads) if usable else 0]
-            _train_comments(c, video, know)
+            start = next(train_heads) if video["bad"] != "malformed_record" else 0
+            _train_comments(c, video, KNOWLEDGE_TRAIN[start : start + per_video])
         else:
             _eval_comments(c, video, list(video["knowledge"]), video["deep_kind"])
         _inject_bad_comments(c.comments, video["bad"], next_id)
