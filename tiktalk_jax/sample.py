@@ -17,11 +17,11 @@ Replies come in four kinds, and each kind needs one source of information:
              shape ("这个红色的圆转得好快").
   audio      the context asks what is heard; the reply names the sound ("一直是哔哔声").
   knowledge  the context mentions an event that is a head of knowledge.tsv ("我室友周末去钓鱼"
-             ~ "PersonX 周末去钓鱼"); the reply uses its xAttr tail ("真是自律"). Every train
-             dialogue of this kind has a head of its own (time x activity, tails shared at
-             random), so the tail can only come from the retrieved knowledge; val and test use
-             only natural heads (and tails) of their own, new words made of characters the train
-             tails use.
+             ~ "PersonX 周末去钓鱼"); the reply starts with its xAttr tail ("自律本人了").
+             Every train dialogue of this kind has a head of its own (time x activity, tails
+             shared at random), so the tail can only come from the retrieved knowledge; val
+             and test use only natural heads (and tails) of their own, new words made of
+             characters the train tails use.
   text       the reply follows from the text alone (a question and its fitting answer, an
              agreement with the previous turn, "同问" follow-ups).
 The mapping from attribute to key word is deterministic; wording varies over a few templates.
@@ -267,22 +267,24 @@ KNOWLEDGE_DISTRACTORS = (
 )
 _O_REACT = ("佩服", "羡慕", "心疼", "好笑", "感动", "惊讶")
 KNOWLEDGE_SUBJECTS = ("我室友", "我朋友", "我哥", "我同事", "隔壁小哥", "我表弟")
+# Knowledge replies lead with the tail: wherever the model reads it from, it writes it first, so
+# the word to copy sits at a fixed place in both the knowledge and the reply.
 KNOWLEDGE_ANSWERS = (
-    "真是{t}",
-    "太{t}了吧",
-    "这也太{t}了",
-    "一看就很{t}",
-    "好{t}啊",
-    "果然{t}",
     "{t}本人了",
+    "{t}啊",
+    "{t}，没毛病",
+    "{t}得很",
+    "{t}，太真实了",
+    "{t}到家了",
+    "{t}，服了",
 )
 KNOWLEDGE_FOLLOW_UPS = (
-    "真的，他超{t}",
-    "是真的，特别{t}",
-    "当然是真的，太{t}了",
-    "真的，一直都很{t}",
-    "不骗你，真的很{t}",
-    "千真万确，很{t}",
+    "{t}，真的",
+    "{t}是真的",
+    "{t}，千真万确",
+    "{t}，不骗你",
+    "{t}，一直都是",
+    "{t}，他就这样",
 )
 
 # (question variants, key phrase of the fitting answer).
