@@ -121,7 +121,9 @@ def table(scores: dict[str, dict]) -> str:
         n = first["per_kind"][kind]["num_examples"] if kind else first["num_examples"]
         for i, (metric, label) in enumerate(METRICS.items()):
             row = [
-                s["per_kind"][kind][metric] if kind else {**s["nlg_scores"], **s["retrieval"]}[metric]
+                s["per_kind"][kind][metric]
+                if kind
+                else {**s["nlg_scores"], **s["retrieval"]}[metric]
                 for s in scores.values()
             ]
             best = (min if metric == "mean_rank" else max)(row)
@@ -316,7 +318,7 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     import jax
     from flax import nnx
 
-    from tiktalk_jax import sample
+    from tiktalk_jax import input_pipeline, sample
 
     r = _Run(run_dir, split)
     words = [w for w, _ in sample.COLOURS.values()]
@@ -324,23 +326,104 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     right = total = 0
     records = []
     for record in r.records("vision"):
-        reply = str(np.asarray(record["responses"]).reshape(-1)[0], "utf-8") if isinstance(
-            np.asarray(record["responses"]).reshape(-1)[0], bytes
-        ) else str(record["responses"][0])
+        reply = input_pipeline.as_text(list(record["responses"])[0])
         named = [w for w in words if w in reply]
         if len(named) == 1:
-            records.append((record, [reply.replace(named[0], w) for w in words], words.index(named[0])))
+            records.append(
+                (record, [reply.replace(named[0], w) for w in words], words.index(named[0]))
+            )
     for start in range(0, len(records), 32):
         chunk = records[start : start + 32]
         for rows, batch in r.batches([c[0] for c in chunk], blind):
             cands = [c[1] for c in chunk] + [chunk[0][1]] * (len(rows) - len(chunk))
             ids, mask = r.family.encode_candidates(r.config, r.tokenizer, cands)
             with jax.set_mesh(r.mesh):
-                s = np.asarray(score(r.model, {**batch, "candidate_ids": ids, "candidate_mask": mask}))
+                s = np.asarray(
+                    score(r.model, {**batch, "candidate_ids": ids, "candidate_mask": mask})
+                )
             pred = s[: len(chunk)].argmax(1)
             right += int(sum(p == c[2] for p, c in zip(pred, chunk)))
             total += len(chunk)
     return f"{right}/{total}"
+
+
+def _video_id(record: dict) -> str:
+    from tiktalk_jax.input_pipeline import as_text
+
+    return as_text(record["video_id"])
+
+
+def soft_prompt_oracle(run_dir: str, steps: int = 300, lr: float = 1e-2) -> dict[str, str]:
+    """Can ANY prefix make the run's frozen LLM name the colour? Trains a free prefix per
+    colour (`float[4, Q, D]`, a perfect visual encoder's output; Adam, full batch of the train
+    vision dialogues) through the frozen LLM, and counts the colour tokens it predicts right
+    (teacher-forced, argmax over the 4 colours' first tokens) on train and test."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from tiktalk_jax import sample
+    from tiktalk_jax.models import blip2, losses
+
+    attrs = video_attributes()
+    colours = sorted({a["colour"] for a in attrs.values()})
+    runs = {split: _Run(run_dir, split) for split in ("train", "test")}
+    lm = blip2._eval_copy(runs["train"].model).llm
+    tok = runs["train"].tokenizer
+    first = [tok(sample.COLOURS[c][0], add_special_tokens=False)["input_ids"][0] for c in colours]
+
+    def data(r: _Run):
+        records = [x for x in r.records("vision") if _video_id(x) in attrs]
+        ((_, batch),) = r.batches(records, False, size=len(records))
+        return batch, np.array([colours.index(attrs[_video_id(x)]["colour"]) for x in records])
+
+    def logits(prefix, batch, colour):
+        parts = [prefix[colour], lm.embed_tokens(batch["prompt_ids"]),
+                 lm.embed_tokens(batch["response_ids"])]  # fmt: skip
+        x = jnp.concatenate(parts, 1)
+        mask = jnp.concatenate([jnp.ones(parts[0].shape[:2], bool),
+                                jnp.asarray(batch["prompt_mask"], bool),
+                                jnp.asarray(batch["response_mask"], bool)], 1)  # fmt: skip
+        hidden, _ = lm.hidden_states(attention_mask=mask, inputs_embeds=x)
+        start, lr_ = x.shape[1] - parts[2].shape[1], parts[2].shape[1]
+        return lm.logits(hidden[:, start - 1 : start + lr_ - 1]).astype(jnp.float32)
+
+    def accuracy(prefix, batch, colour) -> str:
+        out, ids = np.asarray(logits(prefix, batch, colour)), np.asarray(batch["response_ids"])
+        right = n = 0
+        for i in range(len(colour)):
+            pos = np.flatnonzero(np.isin(ids[i], first))
+            if len(pos):
+                n += 1
+                right += int(np.argmax(out[i, pos[0], first]) == colour[i])
+        return f"{right}/{n}"
+
+    train_batch, train_colour = data(runs["train"])
+    test_batch, test_colour = data(runs["test"])
+    shape = (len(colours), runs["train"].model.num_queries, lm.config.hidden_size)
+    prefix = jnp.asarray(np.random.default_rng(0).normal(size=shape) * 0.02, jnp.float32)
+    opt = optax.adam(lr)
+    state = opt.init(prefix)
+
+    @jax.jit
+    def step(prefix, state):
+        def loss(p):
+            out = logits(p, train_batch, train_colour)
+            ids, mask = train_batch["response_ids"], train_batch["response_mask"]
+            return losses.response_cross_entropy(out, ids, mask, None)[0]
+
+        grads = jax.grad(loss)(prefix)
+        updates, state = opt.update(grads, state)
+        return optax.apply_updates(prefix, updates), state
+
+    before = accuracy(prefix, train_batch, train_colour)
+    for _ in range(steps):
+        prefix, state = step(prefix, state)
+    return {
+        "train before": before,
+        "train after": accuracy(prefix, train_batch, train_colour),
+        "test after": accuracy(prefix, test_batch, test_colour),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,9 +458,17 @@ def main(argv: list[str] | None = None) -> None:
         text += "\nLinear probes on the tiny ViT's tokens (held-out videos correct)\n\n"
         text += "| tokens | colour | shape |\n|---|---|---|\n"
         text += "".join(f"| {k} | {v['colour']} | {v['shape']} |\n" for k, v in probes.items())
+        text += "\nColour chosen right (reference with each colour word, by likelihood)\n\n"
+        text += "| run | train | test |\n|---|---|---|\n"
+        for name, rd in [("LLM (text)", llm_run)] + [
+            (f"BLIP-2 {v}", os.path.join(runs, f"blip2_{v}")) for v in args.variants.split(",")
+        ]:
+            text += f"| {name} | {colour_choice(rd, 'train')} | {colour_choice(rd, 'test')} |\n"
         for variant in args.variants.split(","):
             found = prefix_probe(os.path.join(runs, f"blip2_{variant}"))
             text += f"\nBLIP-2 {variant} prefix: " + json.dumps(found, ensure_ascii=False) + "\n"
+        oracle = soft_prompt_oracle(os.path.join(runs, f"blip2_{variant}"))
+        text += "\nFree per-colour prefix through the frozen LLM: " + json.dumps(oracle) + "\n"
     with open(os.path.join(args.workdir, "blip2_vision.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
