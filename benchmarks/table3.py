@@ -491,7 +491,10 @@ def main(argv: Sequence[str] | None = None) -> Result:
         scores[row.key], note = run_row(config, run_dir(row), skip_meteor)
         print(f"   {note} ({time.perf_counter() - start:.0f} s) -> {run_dir(row)}", flush=True)
         variant = f":{row.arg}" if row.arg else ""
-        notes.append(f"- {row.name}: `configs/{row.config}.py{variant}`, {note}")
+        n = scores[row.key]["num_examples"]
+        notes.append(
+            f"- {row.name}: `configs/{row.config}.py{variant}`, {n} test dialogues, {note}"
+        )
         for _, k in COLUMNS:
             v = _value(scores[row.key], k)
             if v is not None and not math.isfinite(v):
