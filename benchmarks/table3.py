@@ -15,7 +15,8 @@ Rows, in the paper's order (`ROWS`; --rows takes their keys), each a config of c
 
   T baselines      dialogpt     DialoGPT       configs/dialogpt.py
                    chatglm      ChatGLM-6B     configs/llm_text.py (a decoder LLM fine-tuned on
-                                               text: GLM-4 / Qwen / Llama ports, not ChatGLM-6B)
+                                               text: GLM-4 / Qwen / Llama ports, not ChatGLM-6B;
+                                               the tiny random-init one without LoRA)
   V+T baselines    livebot      Livebot        configs/livebot.py
                    blip2_img    BLIP-2_Img     configs/blip2.py:variant=img   } over the frozen
                    blip2_video  BLIP-2_Video   configs/blip2.py:variant=video } chatglm run's LLM
@@ -96,6 +97,7 @@ ROWS = (
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 LLM_ROW = "chatglm"  # the run whose LLM BLIP-2 freezes
+TIMES_FILE = "table3_times.json"  # in each run dir: its train and eval seconds
 
 # (column title, scores key): the paper's Table 3, then retrieval.
 COLUMNS = (
@@ -247,6 +249,8 @@ def config_arg(
         args["size"] = size
     elif row.config == "llm_text":
         args["size"] = llm_size
+        if llm_size == "tiny":
+            args["lora"] = False  # adapters on a random-init base learn little: train it all
     elif row.config == "blip2":
         args.update(size=llm_size, llm_run=llm_run)
         if "vit_g" in f:
@@ -332,13 +336,19 @@ def run_row(config, run_dir: str, skip_meteor: bool | None) -> tuple[dict[str, A
     """Trains and evaluates one row, or reads back the scores of its finished run (same config,
     same METEOR setting): (scores, note)."""
     path = _scores_file(config, run_dir)
-    if check_run_dir(config, run_dir) and os.path.isfile(path):
+    times = os.path.join(run_dir, TIMES_FILE)
+    if check_run_dir(config, run_dir) and os.path.isfile(path) and os.path.isfile(times):
         with open(path, encoding="utf-8") as f:
             scores = json.load(f)
+        with open(times, encoding="utf-8") as f:
+            note = json.load(f)["note"]
         if bool(scores["metadata"].get("skip_meteor")) == bool(skip_meteor):
-            return scores, "read back"
+            return scores, f"{note} (read back)"
     result, trained, evaluated = entry.train_and_evaluate_variant(config, run_dir, skip_meteor)
-    return result.scores, f"trained {trained:.0f} s, evaluated {evaluated:.0f} s"
+    note = f"trained {trained:.0f} s, evaluated {evaluated:.0f} s"
+    with open(times, "w", encoding="utf-8") as f:
+        json.dump({"trained_s": trained, "evaluated_s": evaluated, "note": note}, f)
+    return result.scores, note
 
 
 def ensure_trained(config, run_dir: str) -> None:
@@ -396,10 +406,13 @@ def _describe(data: Data, rows: Sequence[Row], scores, steps: int | None, size: 
     n = values(lambda s: s["num_examples"])
     negatives = values(lambda s: s["metadata"]["retrieval"]["num_negatives"])
     refs = values(lambda s: s["metadata"]["retrieval"].get("num_positives", 5))
+    import jax
+
+    devices = f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)"
     return (
-        f"Test split of {where} ({n} dialogues), size={size}, {trained}. Scores x100; "
-        f"retrieval ranks the {refs} references among {negatives} negatives (MeanRank: 1 is "
-        "best); the best value of each column in bold."
+        f"Test split of {where} ({n} dialogues), size={size}, {trained} on {devices}. Scores "
+        f"x100; retrieval ranks the {refs} references among {negatives} negatives (MeanRank: 1 "
+        "is best); the best value of each column in bold. Times below: wall seconds."
     )
 
 
@@ -439,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     p.add_argument("--seed", type=int, default=0, help="sample release seed")
     p.add_argument("--skip_meteor", action="store_true", help="no METEOR (needs Java)")
     args = p.parse_args(argv)
+    command = " ".join(["python benchmarks/table3.py", *(sys.argv[1:] if argv is None else argv)])
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
@@ -504,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
     text = "\n".join(
         [
             "# The paper's Table 3 (benchmarks/table3.py)",
+            "",
+            f"`{command}`",
             "",
             _describe(data, rows, scores, args.steps, size),
             "",
