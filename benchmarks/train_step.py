@@ -56,13 +56,11 @@ for _p in (_HERE, os.path.dirname(_HERE)):
 import flax  # noqa: E402
 import flops  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from tiktalk_jax import input_pipeline, optim, sharding, train  # noqa: E402
+from tiktalk_jax import input_pipeline, sharding, train  # noqa: E402
 from tiktalk_jax.models import registry  # noqa: E402
 
 IMPLS = ("jax", "torch_eager", "torch_compile")
@@ -254,60 +252,19 @@ class JaxStep:
         family = registry.get(config.model.name)
         self.mesh = mesh
         with jax.set_mesh(mesh):
-            model = family.build(config, nnx.Rngs(int(config.seed)))
-            self.model_config = getattr(model, "config", None)
-            self.info = model
-            frozen_f = optim.frozen_filter(config.frozen)
-            trainable_f = optim.trainable_filter(config.frozen)
-            optimizer = optim.make_optimizer(model, config.optim, config.total_steps, config.frozen)
-            eval_model = nnx.view(
-                model, deterministic=True, use_running_average=True, raise_if_not_found=False
+            # The loop's own builders: the timed step is the one train.py runs.
+            state = train.init_state(config, mesh, family)
+            carry, self.frozen = state.carry, state.frozen
+            self.info = nnx.merge(
+                state.steps.model_def, self.frozen, carry["params"], carry["rest"]
             )
-            model_def, frozen, params, rest = nnx.split(model, frozen_f, trainable_f, ...)
-            eval_def = nnx.graphdef(eval_model)
-            opt_def, opt_state = nnx.split(optimizer)
-            rules = tuple(tuple(r) for r in config.sharding.rules)
-            overrides = tuple(tuple(o) for o in config.sharding.overrides)
-            place = lambda s: sharding.state_shardings(s, mesh, rules, overrides)
-            frozen_sh = place(frozen)
-            self.frozen = jax.device_put(frozen, frozen_sh)
-            steps = train._Steps(family, config, mesh, model_def, eval_def, opt_def, trainable_f)
-            replicated = NamedSharding(mesh, P())
-            carry = {
-                "params": params,
-                "rest": rest,
-                "opt": opt_state,
-                "rng": jax.random.fold_in(jax.random.key(int(config.seed)), 1),
-                "step": jnp.zeros((), jnp.int32),
-                "bad": {
-                    k: jnp.asarray(v, jnp.int32 if k == "step" else jnp.float32)
-                    for k, v in train._NO_BAD.items()
-                },
-            }
-            carry_sh = {
-                "params": place(params),
-                "rest": place(rest),
-                "opt": place(opt_state),
-                "rng": replicated,
-                "step": replicated,
-                "bad": replicated,
-            }
-            carry = jax.device_put(carry, carry_sh)
+            self.model_config = getattr(self.info, "config", None)
             self.batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
             batch = self.to_device(example_batch)
-            names = list(jax.eval_shape(steps.forward_outputs, carry, self.frozen, batch))
-            steps.metrics_cls = train._metrics_class(names)
-            carry["metrics"] = jax.device_put(steps.metrics_cls.empty(), replicated)
-            carry_sh["metrics"] = jax.tree.map(lambda _: replicated, carry["metrics"])
-            self.carry = carry
-            jitted = jax.jit(
-                steps.train_step,
-                in_shardings=(carry_sh, frozen_sh, self.batch_sharding),
-                out_shardings=carry_sh,
-                donate_argnums=(0,),
-            )
+            jitted, _ = train.compile_steps(state, mesh, batch)
+            self.carry = state.carry
             start = time.perf_counter()
-            self.step = jitted.lower(carry, self.frozen, batch).compile()
+            self.step = jitted.lower(self.carry, self.frozen, batch).compile()
             self.compile_s = time.perf_counter() - start
 
     def to_device(self, host_batch: dict) -> dict:

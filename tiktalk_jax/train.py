@@ -63,7 +63,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from clu import metrics as clu_metrics
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tiktalk_jax import checkpoint, distributed, input_pipeline, optim, sharding
@@ -362,6 +362,99 @@ def _restore_into(carry: dict[str, Any], tree: Mapping[str, Any]) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class TrainState:
+    """The step functions and the mesh-placed state one train step reads (`init_state`).
+
+    `carry`: what the step updates and checkpoints (params, rest, opt, rng, step, bad and, once
+    compiled, metrics); `frozen`: parameters the step reads but never updates.
+    """
+
+    steps: _Steps
+    carry: dict[str, Any]
+    carry_shardings: dict[str, Any]
+    frozen: Any
+    frozen_shardings: Any
+
+
+def init_state(
+    config: ml_collections.ConfigDict, mesh: Mesh, family: registry.ModelFamily
+) -> TrainState:
+    """Builds the model and optimizer of `config` and places them on `mesh` by the config's
+    logical-axis rules. Call under `jax.set_mesh(mesh)`. Benchmarks build the step with this
+    and `compile_steps`, so they time exactly what the loop runs."""
+    model = family.build(config, nnx.Rngs(int(config.seed)))
+    frozen_f = optim.frozen_filter(config.frozen)
+    trainable_f = optim.trainable_filter(config.frozen)
+    optimizer = optim.make_optimizer(model, config.optim, int(config.total_steps), config.frozen)
+    eval_model = nnx.view(
+        model, deterministic=True, use_running_average=True, raise_if_not_found=False
+    )
+    model_def, frozen, params, rest = nnx.split(model, frozen_f, trainable_f, ...)
+    eval_def = nnx.graphdef(eval_model)
+    opt_def, opt_state = nnx.split(optimizer)
+    del model, optimizer, eval_model
+
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    overrides = tuple(tuple(o) for o in config.sharding.overrides)
+    place = lambda s: sharding.state_shardings(s, mesh, rules, overrides)
+    frozen_sh = place(frozen)
+    frozen = jax.device_put(frozen, frozen_sh)
+    steps = _Steps(family, config, mesh, model_def, eval_def, opt_def, trainable_f)
+    carry = {
+        "params": params,
+        "rest": rest,
+        "opt": opt_state,
+        "rng": jax.random.fold_in(jax.random.key(int(config.seed)), 1),
+        "step": jnp.zeros((), jnp.int32),
+        "bad": {
+            k: jnp.asarray(v, jnp.int32 if k == "step" else jnp.float32) for k, v in _NO_BAD.items()
+        },
+    }
+    replicated = NamedSharding(mesh, P())
+    carry_sh = {
+        "params": place(params),
+        "rest": place(rest),
+        "opt": place(opt_state),
+        "rng": replicated,
+        "step": replicated,
+        "bad": replicated,
+    }
+    carry = jax.device_put(carry, carry_sh)
+    return TrainState(steps, carry, carry_sh, frozen, frozen_sh)
+
+
+def compile_steps(state: TrainState, mesh: Mesh, first_batch: Mapping[str, Any] | None):
+    """Jits the train step (carry donated) and the eval step with explicit shardings.
+
+    The loss_fn's metric names come from an abstract trace on `first_batch` (a global batch;
+    None: loss and grad_norm only); the metrics accumulator is added to `state.carry`.
+
+    Returns:
+      `(train_step(carry, frozen, batch) -> carry, eval_step(params, rest, frozen, batch))`.
+    """
+    steps, carry, carry_sh = state.steps, state.carry, state.carry_shardings
+    names = ["loss", "grad_norm"]
+    if first_batch is not None:
+        names = list(jax.eval_shape(steps.forward_outputs, carry, state.frozen, first_batch))
+    steps.metrics_cls = _metrics_class(names)
+    replicated = NamedSharding(mesh, P())
+    carry["metrics"] = jax.device_put(steps.metrics_cls.empty(), replicated)
+    carry_sh["metrics"] = jax.tree.map(lambda _: replicated, carry["metrics"])
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
+    train_step = jax.jit(
+        steps.train_step,
+        in_shardings=(carry_sh, state.frozen_shardings, batch_sharding),
+        out_shardings=carry_sh,
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        steps.eval_step,
+        in_shardings=(carry_sh["params"], carry_sh["rest"], state.frozen_shardings, batch_sharding),
+    )
+    return train_step, eval_step
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -401,49 +494,12 @@ def train_and_evaluate(
             config, side_tables=side, process_index=shard, process_count=shards
         )
     train_iter = iter(datasets.train)
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
 
     with jax.set_mesh(mesh):
         # -- Model and optimizer -------------------------------------------------------------
-        model = family.build(config, nnx.Rngs(int(config.seed)))
-        frozen_f = optim.frozen_filter(config.frozen)
-        trainable_f = optim.trainable_filter(config.frozen)
-        optimizer = optim.make_optimizer(model, config.optim, total, config.frozen)
-        eval_model = nnx.view(
-            model, deterministic=True, use_running_average=True, raise_if_not_found=False
-        )
-        model_def, frozen, params, rest = nnx.split(model, frozen_f, trainable_f, ...)
-        eval_def = nnx.graphdef(eval_model)
-        opt_def, opt_state = nnx.split(optimizer)
-        del model, optimizer, eval_model
-
-        rules = tuple(tuple(r) for r in config.sharding.rules)
-        overrides = tuple(tuple(o) for o in config.sharding.overrides)
-        place = lambda s: sharding.state_shardings(s, mesh, rules, overrides)
-        frozen_sh = place(frozen)
-        frozen = jax.device_put(frozen, frozen_sh)
-        steps = _Steps(family, config, mesh, model_def, eval_def, opt_def, trainable_f)
-        carry = {
-            "params": params,
-            "rest": rest,
-            "opt": opt_state,
-            "rng": jax.random.fold_in(jax.random.key(int(config.seed)), 1),
-            "step": jnp.zeros((), jnp.int32),
-            "bad": {
-                k: jnp.asarray(v, jnp.int32 if k == "step" else jnp.float32)
-                for k, v in _NO_BAD.items()
-            },
-        }
+        state = init_state(config, mesh, family)
+        steps, carry, frozen = state.steps, state.carry, state.frozen
         replicated = NamedSharding(mesh, P())
-        carry_sh = {
-            "params": place(params),
-            "rest": place(rest),
-            "opt": place(opt_state),
-            "rng": replicated,
-            "step": replicated,
-            "bad": replicated,
-        }
-        carry = jax.device_put(carry, carry_sh)
         _log_overview("trainable parameters", carry["params"])
         _log_overview("frozen parameters", frozen)
         frozen_info = checkpoint.frozen_record(
@@ -481,22 +537,9 @@ def train_and_evaluate(
         batch_iter = batches()
         # The first batch gives the names of the loss_fn's metrics (an abstract trace).
         first = next(batch_iter, None) if step < total else None
-        names = ["loss", "grad_norm"]
-        if first is not None:
-            names = list(jax.eval_shape(steps.forward_outputs, carry, frozen, first))
-        steps.metrics_cls = _metrics_class(names)
-        carry["metrics"] = jax.device_put(steps.metrics_cls.empty(), replicated)
-        carry_sh["metrics"] = jax.tree.map(lambda _: replicated, carry["metrics"])
-        train_step = jax.jit(
-            steps.train_step,
-            in_shardings=(carry_sh, frozen_sh, batch_sharding),
-            out_shardings=carry_sh,
-            donate_argnums=(0,),
-        )
-        eval_step = jax.jit(
-            steps.eval_step,
-            in_shardings=(carry_sh["params"], carry_sh["rest"], frozen_sh, batch_sharding),
-        )
+        state.carry = carry
+        train_step, eval_step = compile_steps(state, mesh, first)
+        carry = state.carry
         schedule = optim.learning_rate_schedule(config.optim, total)
         writer = make_writer(workdir)
 
@@ -564,7 +607,7 @@ def train_and_evaluate(
             ckpt.close()
             writer.close()
 
-        model = nnx.merge(model_def, frozen, carry["params"], carry["rest"])
+        model = nnx.merge(steps.model_def, frozen, carry["params"], carry["rest"])
     return TrainResult(model=model, step=step, preempted=preempted, metrics=last_metrics)
 
 
