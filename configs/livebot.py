@@ -87,10 +87,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inp.train_split = "train"
     inp.eval_splits = ("val",)
     inp.update(livebot_inputs.input_overrides(config.model))
-    # Dialogues of a video without frame features (undecodable media) are left out: the
-    # family's frames table has no empty-record fallback (Maria's and BLIP-2's have one), so
-    # the eval's dialogue count says when a split loses any.
-    inp.on_missing = "skip"
     inp.num_references = 5
     inp.batch_size = 32 if tiny else 64
     inp.eval_batch_size = 16 if tiny else 64

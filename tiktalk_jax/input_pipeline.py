@@ -333,6 +333,17 @@ class SideTable:
         return self._index
 
 
+def dialogue_video_ids(input_config: ml_collections.ConfigDict, split: str) -> set[str]:
+    """The video ids the dialogues of `split` refer to (`input_config.data_dir` / `dataset`): a
+    per-video side table must answer for each of them (see `maria.WithEmptyRecords`)."""
+    source = open_split(dataset_dir(input_config.data_dir, input_config.dataset), split)
+    ids: set[str] = set()
+    for start in range(0, len(source), 4096):  # batched reads: one ArrayRecord call per chunk
+        chunk = source.__getitems__(list(range(start, min(start + 4096, len(source)))))
+        ids.update(as_text(r["video_id"]) for r in chunk)
+    return ids
+
+
 def join_indices(
     source: Sequence[Record], side_tables: Sequence[SideTable], on_missing: str = "error"
 ) -> tuple[np.ndarray, list[str]]:

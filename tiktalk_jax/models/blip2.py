@@ -335,16 +335,6 @@ def features_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.join(cfg.data_dir, "features", "vit_g")
 
 
-def _dialogue_video_ids(config: ml_collections.ConfigDict, split: str) -> set[str]:
-    cfg = config.input
-    source = input_pipeline.open_split(input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset), split)
-    ids: set[str] = set()
-    for start in range(0, len(source), 4096):
-        chunk = source.__getitems__(list(range(start, min(start + 4096, len(source)))))
-        ids.update(input_pipeline.as_text(r["video_id"]) for r in chunk)
-    return ids
-
-
 def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     """`registry.ModelFamily.side_tables`: the vit_g features table (`features_dir`) as the
     "visual" side table of the train and eval splits. Checks that it has the variant's field
@@ -369,7 +359,7 @@ def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     out = {}
     for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits]):
         table = features.FeatureTable(directory, split)
-        missing = sorted(_dialogue_video_ids(config, split) - set(table.keys))
+        missing = sorted(input_pipeline.dialogue_video_ids(config.input, split) - set(table.keys))
         if missing:
             logging.warning(
                 "%s %s: %d videos of the dialogues have no features; their dialogues get no "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tiktalk_jax import decoding
+from tiktalk_jax import decoding, input_pipeline
 
 # livebot_inputs registers the "livebot" batch formatter with the input pipeline on import.
 from tiktalk_jax.models import gpt2_inputs, layers, livebot_inputs, losses, registry
@@ -529,8 +530,11 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Livebot:
 
 def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     """The "frames" features table of `config.model.frames_dir` for the train and eval splits;
-    fails when its feature width is not `config.model.frame_dim`."""
+    fails when its feature width is not `config.model.frame_dim`. Dialogues whose video has no
+    features (missing or undecodable media) get no frames (`maria.WithEmptyRecords`), so every
+    model of the table scores the same dialogues."""
     from tiktalk_jax import features
+    from tiktalk_jax.models.maria import WithEmptyRecords
 
     frames_dir = config.model.get("frames_dir")
     if not frames_dir:
@@ -546,7 +550,25 @@ def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
                 f"{frames_dir}: frame features are {width}-d, config.model.frame_dim is "
                 f"{config.model.frame_dim}"
             )
-    return {s: [t.side_table(livebot_inputs.FRAMES)] for s, t in tables.items()}
+    out = {}
+    for split, table in tables.items():
+        try:
+            wanted = input_pipeline.dialogue_video_ids(config.input, split)
+        except FileNotFoundError:  # no dialogues dataset: the pipeline says so when it opens it
+            wanted = set()
+        missing = sorted(wanted - set(table.keys))
+        if missing:
+            logging.warning(
+                "%s %s: %d videos of the dialogues have no features; their dialogues get no "
+                "frames. First: %s", frames_dir, split, len(missing), missing[:5],
+            )  # fmt: skip
+        source = WithEmptyRecords(table, missing, int(config.model.frame_dim))
+        out[split] = [
+            input_pipeline.SideTable(
+                name=livebot_inputs.FRAMES, source=source, key="video_id", keys=source.keys
+            )
+        ]
+    return out
 
 
 def decode_config(**overrides: Any) -> ml_collections.ConfigDict:

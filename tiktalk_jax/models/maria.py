@@ -903,16 +903,6 @@ class WithEmptyRecords(Sequence):
         return [self[int(i)] for i in indices]
 
 
-def _dialogue_video_ids(config: Any, split: str) -> set[str]:
-    cfg = config.input
-    source = input_pipeline.open_split(input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset), split)
-    ids: set[str] = set()
-    for start in range(0, len(source), 4096):
-        chunk = source.__getitems__(list(range(start, min(start + 4096, len(source)))))
-        ids.update(input_pipeline.as_text(r["video_id"]) for r in chunk)
-    return ids
-
-
 def side_tables(config: Any) -> dict[str, list[Any]]:
     """`registry.ModelFamily.side_tables`: frames / audio features (standardized when
     `config.input.feature_norm == "standardize"`; dialogues whose video has no features get an
@@ -951,7 +941,7 @@ def side_tables(config: Any) -> dict[str, list[Any]]:
                     source, mean, std, f"{n} {cfg.train_split} videos of {directory}"
                 )
             if split not in video_ids:
-                video_ids[split] = _dialogue_video_ids(config, split)
+                video_ids[split] = input_pipeline.dialogue_video_ids(config.input, split)
             missing = sorted(video_ids[split] - set(source.keys))
             if missing:
                 logging.warning(
