@@ -134,7 +134,7 @@ def show_examples(data_dir: str, split: str, count: int) -> None:
 
 DEMO_VARIANTS = ("tvak", "t")
 # Enough for the tiny model to name colours and sounds and to start copying knowledge tails
-# (docs/ablation.md: at 800 steps it barely copies; 1600 takes about 7 minutes on 2 idle cores).
+# (docs/ablation.md: at 800 steps it barely copies; make demo takes 7 min 53 s on 2 cores).
 DEMO_STEPS = 1600
 # Tiny random-init encoders: their features separate the sample's colours and sounds once
 # standardized (maria.StandardizedFeatures); 64-d frames also separate most shapes.
