@@ -150,7 +150,8 @@ def test_llm_text_baseline_trains_and_evaluates_with_a_byte_level_bpe(
     assert any(CJK.search(h) for h in hyps)
     assert not any(BYTE_LEVEL_ARTEFACTS.search(h) for h in hyps)
     assert not any(s in h for h in hyps for s in SPECIAL)
-    # Every character is one of the text the tokenizer was trained on, or U+FFFD where the
-    # (barely trained) model emitted bytes that do not complete a UTF-8 character: decoding
-    # itself invents nothing.
-    assert set("".join(hyps)) - {"\ufffd"} <= set("".join(train_texts))
+    # Every non-ASCII character is one of the text the tokenizer was trained on, or U+FFFD where
+    # the (barely trained) model emitted bytes that do not complete a UTF-8 character: decoding
+    # itself invents nothing. (Single ASCII bytes are in every byte-level vocabulary, seen or not.)
+    emitted = {c for c in "".join(hyps) if not c.isascii()} - {"\ufffd"}
+    assert emitted <= set("".join(train_texts))
