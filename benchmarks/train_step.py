@@ -64,7 +64,6 @@ from tiktalk_jax import input_pipeline, sharding, train  # noqa: E402
 from tiktalk_jax.models import registry  # noqa: E402
 
 IMPLS = ("jax", "torch_eager", "torch_compile")
-# A Qwen2.5-1.5B-shaped LLM (HF config of Qwen/Qwen2.5-1.5B); llm.SHAPES has 0.5B and 7B.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,11 +56,6 @@ TRAIN_DIALOGUES = 363_589  # the paper's train split
 VISUAL_TOKENS = 257  # 224 px / patch 14 -> 16 x 16 patches + the class token
 
 
-def _optional_str(value: str | None) -> ml_collections.FieldReference:
-    """A string field that may be None and stays overridable with --config.x=..."""
-    return ml_collections.FieldReference(value, field_type=str)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg,
@@ -93,9 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat=not tiny,
         lora=dict(rank=0),
     )
-    config.model.llm.init_from = _optional_str(args.llm)
-    config.model.llm_run = _optional_str(args.llm_run)
-    config.model.qformer.init_from = _optional_str(args.qformer)
+    config.model.llm.init_from = common.optional_str(args.llm)
+    config.model.llm_run = common.optional_str(args.llm_run)
+    config.model.qformer.init_from = common.optional_str(args.qformer)
     if tiny:
         config.model.qformer.update(
             hidden_size=64,
@@ -107,9 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.frozen = "^llm/"
 
     inp = config.input
-    inp.data_dir = _optional_str(args.data_dir)
-    inp.tokenizer = _optional_str(args.tokenizer)
-    inp.visual_dir = _optional_str(args.visual_dir)
+    inp.data_dir = common.optional_str(args.data_dir)
+    inp.tokenizer = common.optional_str(args.tokenizer)
+    inp.visual_dir = common.optional_str(args.visual_dir)
     inp.visual_field = blip2_inputs.VARIANT_FIELDS[args.variant]
     inp.visual_tokens = VISUAL_TOKENS
     inp.visual_dim = int(args.visual_dim) or (64 if tiny else 1408)
@@ -142,16 +137,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.decode = llm.decode_config()
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            split="test",
-            at_end=True,  # the train mode evaluates the final model on eval.split
-            tokenize="char",
-            skip_meteor=False,
-            num_negatives=95,
-            retrieval_seed=0,
-            score_chunk=20 if tiny else 5,
-            kinds_file=_optional_str(args.kinds_file),
-        )
-    )
+    config.eval = common.eval_config(20 if tiny else 5, args.kinds_file)
     return config

@@ -61,6 +61,29 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return parsed
 
 
+def optional_str(value: str | None) -> ml_collections.FieldReference:
+    """A string field that may be None and stays overridable with --config.x=..."""
+    return ml_collections.FieldReference(value, field_type=str)
+
+
+def eval_config(score_chunk: int, kinds_file: str | None) -> ml_collections.ConfigDict:
+    """`config.eval` of every model: the paper's protocol on the test split (character-level
+    scores, METEOR, 5 references among 100 retrieval candidates); `score_chunk` candidates are
+    scored per pass (memory), `kinds_file` adds per-kind scores (`sample_kinds.json`)."""
+    return ml_collections.ConfigDict(
+        dict(
+            split="test",
+            at_end=True,  # the train mode evaluates the final model on eval.split
+            tokenize="char",
+            skip_meteor=False,
+            num_negatives=95,
+            retrieval_seed=0,
+            score_chunk=score_chunk,
+            kinds_file=optional_str(kinds_file),
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The defaults shared by every model config."""
     config = ml_collections.ConfigDict()

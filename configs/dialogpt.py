@@ -43,11 +43,6 @@ TRAIN_DIALOGUES = 363_589  # the paper's train split
 _SIZES = ("tiny", "base")
 
 
-def _optional_str(value: str | None) -> ml_collections.FieldReference:
-    """A string field that may be None and stays overridable with --config.x=..."""
-    return ml_collections.FieldReference(value, field_type=str)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg, size="base", data_dir=None, tokenizer=None, init_from=None, kinds_file=None
@@ -65,11 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         n_head=4 if tiny else 12,
         n_positions=64 if tiny else 1024,
     )
-    config.model.init_from = _optional_str(args.init_from)
+    config.model.init_from = common.optional_str(args.init_from)
 
     inp = config.input
-    inp.data_dir = _optional_str(args.data_dir)
-    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.data_dir = common.optional_str(args.data_dir)
+    inp.tokenizer = common.optional_str(args.tokenizer)
     inp.train_split = "train"
     inp.eval_splits = ("val",)
     inp.max_context_len = 32 if tiny else 110
@@ -95,16 +90,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.decode = gpt2.decode_config()
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            split="test",
-            at_end=True,  # the train mode evaluates the final model on eval.split
-            tokenize="char",
-            skip_meteor=False,
-            num_negatives=95,
-            retrieval_seed=0,
-            score_chunk=20 if tiny else 10,
-            kinds_file=_optional_str(args.kinds_file),
-        )
-    )
+    config.eval = common.eval_config(20 if tiny else 10, args.kinds_file)
     return config

@@ -43,11 +43,6 @@ TRAIN_DIALOGUES = 363_589  # the paper's train split
 _SIZES = ("tiny", "base")
 
 
-def _optional_str(value: str | None) -> ml_collections.FieldReference:
-    """A string field that may be None and stays overridable with --config.x=..."""
-    return ml_collections.FieldReference(value, field_type=str)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg,
@@ -78,11 +73,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_context_len=32 if tiny else 100,
         max_response_len=24 if tiny else 20,
     )
-    config.model.frames_dir = _optional_str(frames_dir)
+    config.model.frames_dir = common.optional_str(frames_dir)
 
     inp = config.input
-    inp.data_dir = _optional_str(args.data_dir)
-    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.data_dir = common.optional_str(args.data_dir)
+    inp.tokenizer = common.optional_str(args.tokenizer)
     inp.vocab_size = 30_000  # the bound of a trained vocabulary, as the original's dictionary
     inp.train_split = "train"
     inp.eval_splits = ("val",)
@@ -107,16 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.decode = livebot.decode_config()
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            split="test",
-            at_end=True,  # the train mode evaluates the final model on eval.split
-            tokenize="char",
-            skip_meteor=False,
-            num_negatives=95,
-            retrieval_seed=0,
-            score_chunk=20 if tiny else 10,
-            kinds_file=_optional_str(args.kinds_file),
-        )
-    )
+    config.eval = common.eval_config(20 if tiny else 10, args.kinds_file)
     return config

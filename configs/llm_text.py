@@ -52,11 +52,6 @@ from configs import common
 TRAIN_DIALOGUES = 363_589  # the paper's train split
 
 
-def _optional_str(value: str | None) -> ml_collections.FieldReference:
-    """A string field that may be None and stays overridable with --config.x=..."""
-    return ml_collections.FieldReference(value, field_type=str)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg,
@@ -83,14 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         param_dtype="bfloat16" if args.lora and not tiny else "float32",
         remat=not tiny,
     )
-    config.model.init_from = _optional_str(args.init_from)
+    config.model.init_from = common.optional_str(args.init_from)
     config.model.lora.rank = int(args.rank) if args.lora else 0
     config.model.lora.alpha = float(args.alpha)
     config.frozen = lora.frozen_regex() if args.lora else ""
 
     inp = config.input
-    inp.data_dir = _optional_str(args.data_dir)
-    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.data_dir = common.optional_str(args.data_dir)
+    inp.tokenizer = common.optional_str(args.tokenizer)
     inp.train_split = "train"
     inp.eval_splits = ("val",)
     inp.max_title_len = 16 if tiny else 32
@@ -119,16 +114,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.decode = llm.decode_config()
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            split="test",
-            at_end=True,  # the train mode evaluates the final model on eval.split
-            tokenize="char",
-            skip_meteor=False,
-            num_negatives=95,
-            retrieval_seed=0,
-            score_chunk=20 if tiny else 5,
-            kinds_file=_optional_str(args.kinds_file),
-        )
-    )
+    config.eval = common.eval_config(20 if tiny else 5, args.kinds_file)
     return config

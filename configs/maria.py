@@ -45,11 +45,6 @@ TRAIN_DIALOGUES = 363_589  # the paper's train split
 _SIZES = ("tiny", "base")
 
 
-def _optional_str(value: str | None) -> ml_collections.FieldReference:
-    """A string field that may be None and stays overridable with --config.x=..."""
-    return ml_collections.FieldReference(value, field_type=str)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg,
@@ -75,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = common.base_config()
     config.model.name = "maria"
     config.model.variant = args.variant
-    config.model.init_from = _optional_str(args.init_from)
+    config.model.init_from = common.optional_str(args.init_from)
     config.model.media_layer_norm = True
     config.model.media_position_embeddings = False
     # None: from the tokenizer (vocab_size) or the init_from checkpoint.
@@ -95,13 +90,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     inp = config.input
-    inp.data_dir = _optional_str(args.data_dir)
-    inp.tokenizer = _optional_str(args.tokenizer)
+    inp.data_dir = common.optional_str(args.data_dir)
+    inp.tokenizer = common.optional_str(args.tokenizer)
     inp.train_split = "train"
     inp.eval_splits = ("val",)
-    inp.frames_dir = _optional_str(args.frames_dir)
-    inp.audio_dir = _optional_str(args.audio_dir)
-    inp.knowledge_dir = _optional_str(args.knowledge_dir)
+    inp.frames_dir = common.optional_str(args.frames_dir)
+    inp.audio_dir = common.optional_str(args.audio_dir)
+    inp.knowledge_dir = common.optional_str(args.knowledge_dir)
     inp.feature_norm = "standardize"  # see maria.StandardizedFeatures
     inp.frame_dim = args.frame_dim
     inp.audio_dim = args.audio_dim
@@ -143,16 +138,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # Evaluation (tiktalk_jax/evaluate.py).
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            split="test",
-            at_end=True,  # the train mode evaluates the final model on eval.split
-            tokenize="char",
-            skip_meteor=False,
-            num_negatives=95,
-            retrieval_seed=0,
-            score_chunk=20 if tiny else 10,
-            kinds_file=_optional_str(args.kinds_file),
-        )
-    )
+    config.eval = common.eval_config(20 if tiny else 10, args.kinds_file)
     return config
