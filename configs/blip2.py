@@ -9,14 +9,22 @@ init_from=/ckpt/Qwen2.5-7B-Instruct,tokenizer=/ckpt/Qwen2.5-7B-Instruct --workdi
 data_dir=DATA,llm_run=runs/llm_text,tokenizer=/ckpt/Qwen2.5-7B-Instruct,\
 qformer=/ckpt/blip2-opt-2.7b --workdir=runs/blip2_video
     python -m tiktalk_jax.main --mode=eval --workdir=runs/blip2_video [--eval_split=test]
+    # optional first: BLIP-2's caption stage aligns the Q-Former to this LLM, then start from it
+    python -m tiktalk_jax.main --config=configs/blip2.py:stage=caption,captions=CAPTIONS.json,\
+variant=video,size=qwen2.5-7b,data_dir=DATA,llm_run=runs/llm_text,\
+tokenizer=/ckpt/Qwen2.5-7B-Instruct,qformer=/ckpt/blip2-opt-2.7b --workdir=runs/blip2_caption
+    ... configs/blip2.py:variant=video,...,qformer_run=runs/blip2_caption --workdir=runs/blip2_video
     # CPU smoke run on the bundled sample (tiny random-init ViT, Q-Former and LLM):
     python -m tiktalk_jax.extract --encoder=vit_g --data_dir=DATA --frame_tokens=4 \
         --model_config='{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                          "num_attention_heads": 4}'
     python -m tiktalk_jax.main --config=configs/llm_text.py:size=tiny,lora=false,data_dir=DATA \
         --workdir=/tmp/llm_tiny
+    python -m tiktalk_jax.main --config=configs/blip2.py:stage=caption,variant=temporal,\
+size=tiny,data_dir=DATA,llm_run=/tmp/llm_tiny,captions=RAW/sample_captions.json \
+        --workdir=/tmp/blip2_caption
     python -m tiktalk_jax.main --config=configs/blip2.py:variant=temporal,size=tiny,\
-data_dir=DATA,llm_run=/tmp/llm_tiny --workdir=/tmp/blip2_tiny
+data_dir=DATA,llm_run=/tmp/llm_tiny,qformer_run=/tmp/blip2_caption --workdir=/tmp/blip2_tiny
 
 The config argument (comma-separated `key=value`):
   variant    img (one stored frame: BLIP-2_Img) | video (frames averaged: BLIP-2_Video) |
@@ -35,6 +43,13 @@ The config argument (comma-separated `key=value`):
              unset: a WordPiece vocab trained on the train split and the plain template.
   qformer    local HF BLIP-2 directory to take the Q-Former, queries (and, when its LLM has our
              width, the projection) from; unset: random init.
+  stage      dialogue (default: train on the dialogues) | caption (BLIP-2's second
+             pre-training stage on `captions`: the frozen LLM continues a caption of the video
+             from the query prefix alone, no title or context; blip2_captions.py).
+  captions   caption stage: a JSON file {video_id: caption or [captions]} (the sample writes
+             sample_captions.json); eval scores captions of the eval splits' videos.
+  qformer_run a workdir of a blip2 run (the caption stage) to start the Q-Former and the
+             projection from; its frozen LLM must be this one (checked).
   kinds_file a `sample_kinds.json`: eval adds per-kind scores (e.g. replies that need vision).
 Every field is also overridable as --config.x=y.
 
@@ -54,6 +69,10 @@ from configs import common
 
 TRAIN_DIALOGUES = 363_589  # the paper's train split
 VISUAL_TOKENS = 257  # 224 px / patch 14 -> 16 x 16 patches + the class token
+STAGES = ("dialogue", "caption")
+# Caption stage on real data: BLIP-2 pre-trains for 250K steps on 129M images; aligning a
+# pre-trained Q-Former to a new LLM needs far less. Set --config.total_steps for your captions.
+CAPTION_STEPS = 10_000
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -69,14 +88,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         llm_run=None,
         tokenizer=None,
         qformer=None,
+        stage="dialogue",
+        captions=None,
+        qformer_run=None,
         kinds_file=None,
     )
-    from tiktalk_jax.models import blip2, blip2_inputs, llm  # registers family and formatter
+    from tiktalk_jax.models import blip2, blip2_captions, blip2_inputs, llm  # registers them
 
     if args.variant not in blip2.VARIANTS:
         raise ValueError(f"variant must be one of {blip2.VARIANTS}, got {args.variant!r}")
     if args.size not in llm.SHAPES:
         raise ValueError(f"size must be one of {sorted(llm.SHAPES)}, got {args.size!r}")
+    if args.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {args.stage!r}")
+    caption = args.stage == "caption"
+    if caption and not args.captions:
+        raise ValueError("stage=caption needs captions=<a JSON file {video_id: [captions]}>")
     tiny = args.size == "tiny"
 
     config = common.base_config()
@@ -91,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.llm.init_from = common.optional_str(args.llm)
     config.model.llm_run = common.optional_str(args.llm_run)
     config.model.qformer.init_from = common.optional_str(args.qformer)
+    config.model.qformer_run = common.optional_str(args.qformer_run)
     if tiny:
         config.model.qformer.update(
             hidden_size=64,
@@ -119,12 +147,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inp.num_references = 5
     inp.batch_size = 16 if tiny else 32
     inp.eval_batch_size = 16 if tiny else 32
+    if caption:
+        inp.captions_file = args.captions
+        inp.caption_prompt = blip2_captions.DEFAULT_PROMPT
 
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     opt = config.optim
-    if tiny:
+    if tiny and caption:
+        # The 43 captioned train videos x 4 captions; measured on the sample: the Q-Former
+        # names the colour of 10/10 test videos after 2,000 steps at 3e-3 (docs/blip2_vision.md).
+        config.total_steps = 2000
+        opt.lr, opt.warmup_steps = 3e-3, 50
+    elif tiny:
         config.total_steps = 200
         opt.lr, opt.warmup_steps = 1e-3, 10
+    elif caption:
+        config.total_steps = CAPTION_STEPS
+        opt.lr, opt.warmup_steps = 1e-4, 2000
     else:
         config.total_steps = TRAIN_DIALOGUES // inp.batch_size
         opt.lr, opt.warmup_steps = 1e-4, 2000
@@ -137,5 +176,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     config.decode = llm.decode_config()
-    config.eval = common.eval_config(20 if tiny else 5, args.kinds_file)
+    # Caption records are not dialogues: no reply kinds, and no retrieval (a video's captions
+    # differ in number and a few videos give too few distinct negatives); BLEU / CIDEr remain.
+    config.eval = common.eval_config(20 if tiny else 5, None if caption else args.kinds_file)
+    if caption:
+        config.eval.num_negatives = 0
     return config

@@ -221,6 +221,35 @@ def abstract_like(tree: Any) -> Any:
     )
 
 
+def read_state(directory: str, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Reads, read-only, the parts of checkpoint `step` in `directory` that `target` names
+    (a pytree of arrays laid out like the saved state, e.g. `{"params": ...}`; the rest, such
+    as the optimizer state, is not read) onto `target`'s shardings.
+
+    Returns `(tree, meta)`: `tree` with `target`'s structure, the checkpoint's meta record.
+    """
+    data = keys_to_data(target)
+    abstract = abstract_like(data)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True,
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    except Exception as e:
+        raise CheckpointError(f"restoring step {step} from {directory} failed: {e}") from e
+    finally:
+        manager.close()
+    return data_to_keys(restored["state"], target), dict(restored["meta"])
+
+
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 

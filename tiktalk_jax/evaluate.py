@@ -61,7 +61,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -245,34 +244,9 @@ class ModelLoader:
 
     def load(self, step: int) -> nnx.Module:
         """The model with the params and state of checkpoint `step` (frozen weights checked)."""
-        target = checkpoint.keys_to_data(
-            {"params": nnx.to_pure_dict(self.params), "rest": nnx.to_pure_dict(self.rest)}
-        )
-        abstract = checkpoint.abstract_like(target)
-        manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(read_only=True)
-        )
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=abstract,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                        partial_restore=True,  # the optimizer state is not needed
-                    ),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-        except Exception as e:
-            raise checkpoint.CheckpointError(
-                f"restoring step {step} from {self.directory} failed: {e}"
-            ) from e
-        finally:
-            manager.close()
-        where = f"{self.directory}/{step}"
-        checkpoint.check_frozen(restored["meta"].get("frozen"), self.frozen_info, where)
-        tree = checkpoint.data_to_keys(restored["state"], target)
+        target = {"params": nnx.to_pure_dict(self.params), "rest": nnx.to_pure_dict(self.rest)}
+        tree, meta = checkpoint.read_state(self.directory, step, target)
+        checkpoint.check_frozen(meta.get("frozen"), self.frozen_info, f"{self.directory}/{step}")
         params, rest = self.params, self.rest
         nnx.replace_by_pure_dict(params, tree["params"])
         nnx.replace_by_pure_dict(rest, tree["rest"])
@@ -523,11 +497,12 @@ def evaluate(
     if family.generate is None:
         raise ValueError(f"model family {family.name!r} has no generate(): nothing to evaluate")
     mesh = sharding.make_mesh(cfg.mesh)
-    side = family.side_tables(cfg) if family.side_tables else {}
     # Each host reads the rows of every batch its devices hold (tiktalk_jax/distributed.py).
     shard, shards = distributed.data_shard(mesh)
+    inputs = family.data_inputs(cfg)
+    side = inputs["side_tables"] or {}
     datasets = input_pipeline.make_datasets(
-        cfg, side_tables=side, train=False, process_index=shard, process_count=shards
+        cfg, **inputs, train=False, process_index=shard, process_count=shards
     )
     source = datasets.eval_sources[split]
     tokenizer = datasets.tokenizer

@@ -673,26 +673,36 @@ def make_datasets(
     Args:
       config: the full config; reads `config.input` and `config.model.name`.
       side_tables: split -> side tables to join (e.g. features per video_id).
-      sources: split -> an already opened source (tests); otherwise the TFDS splits are opened.
+      sources: split -> an already opened source that replaces that split's dialogues (tests,
+        a family's own records such as BLIP-2's caption pairs); the other splits are opened
+        from `cfg.data_dir`. The tokenizer is always the dialogues' (`cfg.vocab_dir`, the
+        dataset's vocabulary, or one trained on the train dialogues).
       train: False builds only the eval pipelines.
       process_index, process_count: default to jax's.
     """
     cfg = config.input
+    sources = dict(sources or {})
     version_dir = None
-    if sources is None:
+    if not sources or cfg.get("data_dir"):
         version_dir = dataset_dir(cfg.data_dir, cfg.dataset)
     splits = ([cfg.train_split] if train else []) + list(cfg.eval_splits)
 
     def source(split):
-        if sources is not None:
+        if split in sources:
             return sources[split]
+        if version_dir is None:
+            raise ValueError(f"no source for split {split!r} and no config.input.data_dir")
         return open_split(version_dir, split)
+
+    def dialogues_for_vocab():
+        split = cfg.train_split
+        return open_split(version_dir, split) if version_dir is not None else source(split)
 
     opened = {s: source(s) for s in dict.fromkeys(splits)}
     tok = tokenizer_lib.load_tokenizer(
         cfg.tokenizer,
         cfg.vocab_dir or version_dir,
-        texts=lambda: tokenizer_lib.dialogue_texts(source(cfg.train_split)),
+        texts=lambda: tokenizer_lib.dialogue_texts(dialogues_for_vocab()),
         vocab_size=cfg.vocab_size,
     )
     name = cfg.formatter or config.model.name

@@ -6,6 +6,7 @@
   OUT_DIR/videos/<video_id>.mp4             4 s, 10 fps, 112x112, mpeg4 + aac (16 kHz mono)
   OUT_DIR/knowledge.tsv                     C3KG style `head<TAB>relation<TAB>tail`
   OUT_DIR/sample_kinds.json                 {dialogue_id: "vision"|"audio"|"knowledge"|"text"}
+  OUT_DIR/sample_captions.json              {video_id: [4 captions of colour and shape]}
 
 Each video shows ONE large saturated shape (红色/绿色/蓝色/黄色 x 圆/方块/三角) moving and turning
 on a plain grey background, with one loud clean sound: 高音 (1500 Hz tone), 低音 (200 Hz tone),
@@ -64,6 +65,7 @@ import av
 import numpy as np
 
 KINDS = ("vision", "audio", "knowledge", "text")
+CAPTIONS_FILE = "sample_captions.json"
 
 FPS = 10
 NUM_FRAMES = 40  # 4 s
@@ -80,6 +82,9 @@ COLOURS = {
 SHAPES = {"circle": "圆", "square": "方块", "triangle": "三角"}
 SOUNDS = {"high": "高音", "low": "低音", "beeps": "哔哔声", "noise": "沙沙的噪音"}
 TONE_HZ = {"high": 1500.0, "low": 200.0, "beeps": 880.0}
+
+# Captions of the picture (sample_captions.json: BLIP-2's caption stage, blip2_captions.py).
+CAPTION_TEMPLATES = ("一个{c}的{s}", "{c}的{s}在动", "画面里是{c}的{s}", "视频里有个{c}{s}")
 
 # Words that name an attribute; titles must contain none of them (tests check it).
 ATTRIBUTE_WORDS = (
@@ -790,6 +795,7 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
     for split, split_records in records.items():
         _write_json(os.path.join(out_dir, f"{split}.json"), split_records)
     _write_json(os.path.join(out_dir, "sample_kinds.json"), kinds)
+    _write_json(os.path.join(out_dir, CAPTIONS_FILE), captions(videos))
     n_rows = write_knowledge(os.path.join(out_dir, "knowledge.tsv"), rng)
 
     for i, video in enumerate(videos):
@@ -821,6 +827,15 @@ def write_sample(out_dir: str, *, seed: int = 0) -> dict:
         "bad": {v["bad"]: v["id"] for v in videos if v["bad"] is not None},
         "videos": {v["id"]: {a: v[a] for a in attrs} for v in videos},
     }
+
+
+def captions(videos: Sequence[dict]) -> dict[str, list[str]]:
+    """Every video's captions (what the picture shows: colour and shape; no sound), by id."""
+    out = {}
+    for video in videos:
+        c, s = COLOURS[video["colour"]][0], SHAPES[video["shape"]]
+        out[video["id"]] = [t.format(c=c, s=s) for t in CAPTION_TEMPLATES]
+    return out
 
 
 def _write_json(path: str, obj) -> None:

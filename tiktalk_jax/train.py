@@ -488,10 +488,9 @@ def train_and_evaluate(
 
     # -- Data ------------------------------------------------------------------------------------
     if datasets is None:
-        side = family.side_tables(config) if family.side_tables else None
         shard, shards = distributed.data_shard(mesh)
         datasets = input_pipeline.make_datasets(
-            config, side_tables=side, process_index=shard, process_count=shards
+            config, **family.data_inputs(config), process_index=shard, process_count=shards
         )
     train_iter = iter(datasets.train)
 

@@ -55,7 +55,16 @@ from flax import nnx
 from tiktalk_jax import decoding, input_pipeline
 
 # blip2_inputs registers the "blip2" batch formatter with the input pipeline on import.
-from tiktalk_jax.models import blip2_inputs, layers, llm, llm_inputs, losses, qformer, registry
+from tiktalk_jax.models import (
+    blip2_captions,
+    blip2_inputs,
+    layers,
+    llm,
+    llm_inputs,
+    losses,
+    qformer,
+    registry,
+)
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -231,12 +240,15 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The `config.model` section: name, variant (img | video | temporal), qformer
     (`qformer_config`), llm (the `llm` family's section, `llm.model_config`, LoRA off: the LLM
     is frozen), llm_run (a workdir of an `llm` run whose trained LLM to use instead; `llm` is
-    then ignored), dtype / param_dtype of the Q-Former side."""
+    then ignored), qformer_run (a workdir of a `blip2` run, normally its caption stage, whose
+    Q-Former and projection to start from; `qformer.init_from` is then ignored), dtype /
+    param_dtype of the Q-Former side."""
     config = ml_collections.ConfigDict(
         dict(
             name="blip2",
             variant="video",
             llm_run=ml_collections.config_dict.placeholder(str),
+            qformer_run=ml_collections.config_dict.placeholder(str),
             dtype="float32",
             param_dtype="float32",
             qformer=qformer_config(),
@@ -322,7 +334,47 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Blip2Dialogue:
         llm_model = llm.build(_llm_section(config), rngs)
     qf = _qformer_model(config, llm_model.config.hidden_size, rngs)
     frames = int(config.input.visual_frames) if m.variant == "temporal" else 0
-    return Blip2Dialogue(qf, llm_model, num_frames=frames, param_dtype=jnp.dtype(m.param_dtype))
+    model = Blip2Dialogue(qf, llm_model, num_frames=frames, param_dtype=jnp.dtype(m.param_dtype))
+    if m.get("qformer_run"):
+        adapter_from_run(model, config, m.qformer_run)
+    return model
+
+
+def adapter_from_run(model: Blip2Dialogue, config: ml_collections.ConfigDict, workdir: str):
+    """Loads the Q-Former (queries, layers, `language_projection`) of the latest checkpoint of
+    the `blip2` run in `workdir` (normally its caption stage) into `model`, in place. Only that
+    subtree is read; the frame positions keep their init. The run must have frozen the same
+    LLM (its recorded fingerprint is checked: a projection aligned to another LLM is useless)
+    and have a Q-Former of the same shape."""
+    from tiktalk_jax import checkpoint, evaluate, optim
+
+    run = evaluate.load_config(workdir)
+    if run.model.name != "blip2":
+        raise ValueError(f"{workdir} is a {run.model.name!r} run, not a 'blip2' run")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    step = steps.latest_step()
+    steps.close()
+    if step is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint")
+    frozen_f = optim.frozen_filter(config.frozen)
+    adapter_f = nnx.All(nnx.Param, nnx.PathContains("qformer"))
+    _, frozen, adapter, _ = nnx.split(model, frozen_f, adapter_f, ...)
+    tree, meta = checkpoint.read_state(directory, step, {"params": nnx.to_pure_dict(adapter)})
+    try:
+        checkpoint.check_frozen(
+            meta.get("frozen"),
+            checkpoint.frozen_record(frozen, frozen_source(config)),
+            f"{directory}/{step}",
+        )
+    except checkpoint.FrozenWeightsChanged as e:
+        raise checkpoint.FrozenWeightsChanged(
+            f"model.qformer_run={workdir}: its Q-Former was aligned to another frozen LLM than "
+            f"this run's; use the same llm_run / llm.\n{e}"
+        ) from e
+    nnx.replace_by_pure_dict(adapter, tree["params"])
+    nnx.update(model, adapter)
+    logging.info("BLIP-2 Q-Former and projection: step %d of the blip2 run %s", step, workdir)
 
 
 def features_dir(config: ml_collections.ConfigDict) -> str:
@@ -374,6 +426,30 @@ def side_tables(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     return out
 
 
+def frozen_source(config: ml_collections.ConfigDict) -> str | None:
+    """`registry.ModelFamily.frozen_source`: the frozen parameters are the LLM's."""
+    return config.model.get("llm_run") or config.model.llm.get("init_from")
+
+
+def caption_sources(config: ml_collections.ConfigDict) -> dict[str, list[dict[str, Any]]]:
+    """`registry.ModelFamily.sources`: with `config.input.captions_file` set (the caption
+    stage, blip2_captions.py), the caption records of the train and eval splits, each split's
+    videos being its features table's; otherwise nothing (the dialogues)."""
+    from tiktalk_jax import features
+
+    cfg = config.input
+    if not cfg.get("captions_file"):
+        return {}
+    captions = blip2_captions.read_captions(cfg.captions_file)
+    directory = features_dir(config)
+    videos = {
+        split: list(features.FeatureTable(directory, split).keys)
+        for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits])
+    }
+    prompt = cfg.get("caption_prompt") or blip2_captions.DEFAULT_PROMPT
+    return blip2_captions.split_sources(captions, videos, cfg.train_split, prompt)
+
+
 def family_generate(model: Blip2Dialogue, batch: Batch, config) -> Array:
     """Registry `generate`: `int32[B, max_new_tokens]` (the response, its end token, padding),
     decoding as the `llm` family does (`config.decode`, `llm.decode_settings`)."""
@@ -399,11 +475,9 @@ registry.register(
         build=build,
         loss_fn=loss_fn,
         formatter=blip2_inputs.FORMATTER,
-        # The frozen parameters are the LLM's.
-        frozen_source=lambda config: (
-            config.model.get("llm_run") or config.model.llm.get("init_from")
-        ),
+        frozen_source=frozen_source,
         side_tables=side_tables,
+        sources=caption_sources,
         generate=family_generate,
         score=family_score,
         decode_text=llm_inputs.decode_text,

@@ -30,6 +30,9 @@ is all a config needs. The loop never looks inside a model or a batch; the contr
       their fingerprint so a changed frozen tower is reported by path.
   side_tables(config) -> {split: [input_pipeline.SideTable]}   (optional)
       Side tables (features per video, knowledge per dialogue) the pipeline joins.
+  sources(config) -> {split: Sequence[record]}   (optional)
+      Records that replace the TFDS dialogues of some splits (e.g. BLIP-2's caption pairs in
+      its caption stage); an empty mapping (the usual case) keeps the dialogues.
   generate(model, batch, config) -> int32[B, T] token ids   (optional; eval of generation)
   score(model, batch, config) -> float32[B, N] candidate scores   (optional; retrieval eval)
       The batch carries `candidate_ids int32[B, N, R]`, `candidate_mask bool[B, N, R]` as the
@@ -74,10 +77,18 @@ class ModelFamily:
     formatter: str
     frozen_source: Callable[[ml_collections.ConfigDict], str | None] | None = None
     side_tables: Callable[[ml_collections.ConfigDict], Mapping[str, Sequence[Any]]] | None = None
+    sources: Callable[[ml_collections.ConfigDict], Mapping[str, Sequence[Any]]] | None = None
     generate: Callable[..., jax.Array] | None = None
     score: Callable[..., jax.Array] | None = None
     decode_text: DecodeTextFn | None = None
     encode_candidates: EncodeCandidatesFn | None = None
+
+    def data_inputs(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """`input_pipeline.make_datasets` keyword arguments: the side tables and sources."""
+        return dict(
+            side_tables=self.side_tables(config) if self.side_tables else None,
+            sources=self.sources(config) if self.sources else None,
+        )
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
