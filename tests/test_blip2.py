@@ -510,3 +510,51 @@ def test_each_variant_trains_and_evaluates_on_the_sample(sample_runs, variant, t
     assert sum(k["num_examples"] for k in s["per_kind"].values()) == len(source)
     assert 1 <= s["per_kind"]["vision"]["mean_rank"] <= 4  # 1 reference among 4 candidates
     assert s["metadata"]["variant"] == variant
+
+
+def test_caption_stage_aligns_the_qformer_the_dialogue_stage_starts_from(sample_runs, tmp_path):
+    """stage=caption trains on (video, caption) records through the loop and evaluates captions;
+    a dialogue run with qformer_run starts from exactly its Q-Former, and refuses it over
+    another frozen LLM."""
+    import json
+    import os
+
+    from tiktalk_jax import checkpoint, evaluate, sample
+
+    data, kinds, llm_dir = sample_runs
+    captions = os.path.join(os.path.dirname(kinds), sample.CAPTIONS_FILE)
+    shape = dict(hidden_size=16, intermediate_size=32, num_query_tokens=2)
+    common = f"size=tiny,data_dir={data},llm_run={llm_dir},visual_dim={SAMPLE_VIT['hidden_size']}"
+    cap = blip2_config.get_config(f"stage=caption,variant=img,captions={captions},{common}")
+    _shrink(cap)
+    cap.model.qformer.update(shape)
+    cap.eval.num_negatives = 0
+    cap.input.eval_splits = ("val",)
+    sources = registry.get("blip2").data_inputs(cap)["sources"]
+    train_videos = {r["video_id"] for r in sources["train"]}
+    by_video = json.load(open(captions, encoding="utf-8"))
+    assert len(sources["train"]) == sum(len(by_video[v]) for v in train_videos)
+    assert all(r["title"] == "" and r["responses"][0] in by_video[r["video_id"]]
+               for r in sources["train"])  # fmt: skip
+    cap_dir = str(tmp_path / "caption")
+    result = train.train_and_evaluate(cap, cap_dir)
+    assert result.step == 2
+    (scores,) = evaluate.evaluate(cap, cap_dir, split="val", model=result.model, model_step=2)
+    assert scores.scores["num_examples"] == len(sources["val"]) > 0
+    gens = [json.loads(line) for line in open(scores.generations_path, encoding="utf-8")]
+    assert all(g["references"] == by_video[g["dialogue_id"]] for g in gens)
+
+    dialogue = blip2_config.get_config(f"variant=temporal,frames=2,qformer_run={cap_dir},{common}")
+    _shrink(dialogue)
+    dialogue.model.qformer.update(shape)
+    mesh = sharding.make_mesh(dialogue.mesh)
+    with jax.set_mesh(mesh):
+        model = blip2.build(dialogue, nnx.Rngs(1))
+    start, aligned = _params(model), _params(result.model)
+    qformer_keys = [k for k in aligned if k.startswith("qformer/")]
+    assert qformer_keys and all(np.array_equal(start[k], aligned[k]) for k in qformer_keys)
+    assert not np.any(start["frame_positions"])  # not in the img caption run: its init
+
+    dialogue.model.llm_run = None  # a random-init LLM of the same shape
+    with jax.set_mesh(mesh), pytest.raises(checkpoint.FrozenWeightsChanged, match="qformer_run"):
+        blip2.build(dialogue, nnx.Rngs(1))

@@ -105,6 +105,7 @@ def test_layout(release):
     out, summary, data, kinds = release
     assert sorted(p.name for p in out.iterdir()) == [
         "knowledge.tsv",
+        "sample_captions.json",
         "sample_kinds.json",
         "test.json",
         "train.json",
@@ -129,6 +130,21 @@ def test_layout(release):
     assert all(r[0].startswith("PersonX ") for r in rows)
     assert {r[1] for r in rows} >= {"xAttr", "xWant", "xEffect", "oReact"}
     assert set(kinds.values()) == set(sample.KINDS)
+
+
+def test_captions_name_each_videos_colour_and_shape_only(release):
+    out, summary, _, _ = release
+    captions = json.loads((out / sample.CAPTIONS_FILE).read_text("utf-8"))
+    assert set(captions) == set(summary["videos"])
+    sound_words = [w for w in sample.SOUNDS.values()] + ["哔", "噪音", "沙沙"]
+    for video_id, texts in captions.items():
+        attrs = summary["videos"][video_id]
+        colour, shape = sample.COLOURS[attrs["colour"]][0], sample.SHAPES[attrs["shape"]]
+        assert len(texts) == len(sample.CAPTION_TEMPLATES) == len(set(texts))
+        for text in texts:
+            assert colour in text and shape in text, (video_id, text)
+            others = [c for c, _ in sample.COLOURS.values() if c != colour]
+            assert not any(w in text for w in others + sound_words), text
 
 
 def test_deterministic_and_cli(release, tmp_path, capsys):

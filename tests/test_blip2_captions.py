@@ -1,0 +1,57 @@
+"""BLIP-2's caption stage records (tiktalk_jax/models/blip2_captions.py)."""
+
+import json
+
+import pytest
+
+from tiktalk_jax.models import blip2_captions as bc
+
+
+def write(tmp_path, obj, name="captions.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj, ensure_ascii=False), "utf-8")
+    return str(path)
+
+
+def test_read_captions_keeps_non_empty_strings_and_counts_the_rest(tmp_path, caplog):
+    path = write(
+        tmp_path, {"1": "一个红色的圆", "2": ["蓝色的方块", " ", 3, "绿色"], "3": [], "4": None}
+    )
+    with caplog.at_level("WARNING"):
+        captions = bc.read_captions(path)
+    assert captions == {"1": ["一个红色的圆"], "2": ["蓝色的方块", "绿色"]}
+    assert "3 captions dropped" in caplog.text  # " ", 3 and None
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", ""])
+def test_read_captions_rejects_what_is_not_an_object(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content, "utf-8")
+    with pytest.raises(ValueError, match="captions file .*bad.json"):
+        bc.read_captions(str(path))
+    with pytest.raises(ValueError, match="captions file"):
+        bc.read_captions(str(tmp_path / "missing.json"))
+
+
+def test_records_one_per_caption_for_training_one_per_video_for_eval():
+    captions = {"a": ["一个红色的圆", "红色的圆在动"], "b": ["蓝色的方块"]}
+    train = bc.caption_records(captions, ["a", "x", "b"], train=True, prompt="有什么")
+    assert [r["dialogue_id"] for r in train] == ["a#0", "a#1", "b#0"]
+    assert [r["responses"] for r in train] == [["一个红色的圆"], ["红色的圆在动"], ["蓝色的方块"]]
+    assert all(r["title"] == "" and r["context"] == ["有什么"] for r in train)
+    assert [r["video_id"] for r in train] == ["a", "a", "b"]
+    evals = bc.caption_records(captions, ["b", "a", "x"], train=False)
+    assert [(r["dialogue_id"], r["responses"]) for r in evals] == [
+        ("b", ["蓝色的方块"]),
+        ("a", ["一个红色的圆", "红色的圆在动"]),
+    ]
+    assert evals[0]["context"] == [bc.DEFAULT_PROMPT]
+
+
+def test_split_sources_needs_captioned_train_videos():
+    captions = {"a": ["一个红色的圆"], "v": ["蓝色的方块"]}
+    out = bc.split_sources(captions, {"train": ["a", "b"], "val": ["v", "w"]}, "train")
+    assert [r["dialogue_id"] for r in out["train"]] == ["a#0"]
+    assert [r["dialogue_id"] for r in out["val"]] == ["v"]
+    with pytest.raises(ValueError, match="no video of the 'train' features has a caption"):
+        bc.split_sources(captions, {"train": ["b"], "val": ["v"]}, "train")
