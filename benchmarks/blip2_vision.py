@@ -42,6 +42,7 @@ FRAME_TOKENS = 4  # the sample's 4 s videos at 1 fps: every frame
 SAMPLE_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 LLM_STEPS = 600
 BLIP2_STEPS = 300
+CAPTION_STEPS = 2000  # configs/blip2.py's tiny caption stage
 
 
 def prepare(workdir: str) -> tuple[str, str]:
@@ -88,27 +89,68 @@ def llm_config(data_dir: str, kinds: str, steps: int):
     return config
 
 
-def blip2_config(variant: str, data_dir: str, kinds: str, llm_run: str, steps: int):
+def blip2_config(
+    variant: str,
+    data_dir: str,
+    kinds: str,
+    llm_run: str,
+    steps: int,
+    *,
+    captions: str | None = None,
+    qformer_run: str | None = None,
+    **settings,
+):
+    """configs/blip2.py tiny on `llm_run`'s LLM: the caption stage when `captions` is given
+    (the sample's captions file), else the dialogue stage (from `qformer_run`'s Q-Former when
+    given). `settings`: lr / batch / dropout overrides (None keeps the config's)."""
     from configs import blip2
 
-    config = blip2.get_config(
-        f"variant={variant},size=tiny,data_dir={data_dir},llm_run={llm_run},kinds_file={kinds}"
-    )
+    arg = f"variant={variant},size=tiny,data_dir={data_dir},llm_run={llm_run},kinds_file={kinds}"
+    if captions:
+        arg += f",stage=caption,captions={captions}"
+    if qformer_run:
+        arg += f",qformer_run={qformer_run}"
+    config = blip2.get_config(arg)
     _schedule(config, steps)
+    if settings.get("lr"):
+        config.optim.lr = settings["lr"]
+    if settings.get("batch"):
+        config.input.batch_size = settings["batch"]
+    if settings.get("dropout") is not None:
+        config.model.qformer.hidden_dropout_prob = settings["dropout"]
+        config.model.qformer.attention_probs_dropout_prob = settings["dropout"]
     return config
 
 
-def run(config, run_dir: str) -> dict:
-    """Trains and evaluates `config` in `run_dir`; a run with its final scores is reused."""
-    from tiktalk_jax import evaluate
+def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
+    """Trains and evaluates `config` in `run_dir`; a run with its final scores is reused.
+    `train_kinds` (e.g. "vision"): train on the dialogues of those kinds only (an ablation)."""
+    from tiktalk_jax import evaluate, input_pipeline, train
+    from tiktalk_jax.models import registry
 
     path = evaluate.scores_path(run_dir, "test", int(config.total_steps))
     if os.path.isfile(path):
         print(f"  reused {path}")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    scores, trained, evaluated = entry.train_and_evaluate_variant(config, run_dir, True)
-    print(f"  trained {trained:.0f} s, evaluated {evaluated:.0f} s -> {run_dir}", flush=True)
+    start = time.perf_counter()
+    datasets = None
+    if train_kinds:
+        with open(config.eval.kinds_file, encoding="utf-8") as f:
+            kinds = json.load(f)
+        src = input_pipeline.open_split(input_pipeline.dataset_dir(config.input.data_dir), "train")
+        wanted = train_kinds.split(",")
+        keep = [dict(r) for r in (src[i] for i in range(len(src)))
+                if kinds.get(input_pipeline.as_text(r["dialogue_id"])) in wanted]  # fmt: skip
+        inputs = registry.get(config.model.name).data_inputs(config)
+        datasets = input_pipeline.make_datasets(
+            config, side_tables=inputs["side_tables"], sources={"train": keep}
+        )
+    result = train.train_and_evaluate(config, run_dir, datasets=datasets)
+    trained = time.perf_counter() - start
+    (scores,) = evaluate.evaluate(config, run_dir, model=result.model, model_step=result.step)
+    print(f"  trained {trained:.0f} s, evaluated {time.perf_counter() - start - trained:.0f} s "
+          f"-> {run_dir}", flush=True)  # fmt: skip
     return scores.scores
 
 
@@ -347,6 +389,47 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     return f"{right}/{total}"
 
 
+def caption_colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
+    """Does the Q-Former tell the frozen LLM the colour, with no text to lean on? For every
+    video of `split` with features, the caption prompt alone (no title, no context) and the
+    caption "一个<colour>的<shape>" with each of the 4 colour words are scored by the run's
+    model; returns `right/total` argmaxes (chance 25%). `blind`: without the frames."""
+    import jax
+    from flax import nnx
+
+    from tiktalk_jax import evaluate, features, input_pipeline, sample, sharding
+    from tiktalk_jax.models import blip2, blip2_captions, registry
+
+    config = evaluate.load_config(run_dir)
+    family = registry.get(config.model.name)
+    mesh = sharding.make_mesh(config.mesh)
+    loader = evaluate.ModelLoader(config, run_dir, mesh)
+    model = loader.load(loader.steps()[-1])
+    tok = input_pipeline.make_datasets(config, train=False).tokenizer
+    fmt = input_pipeline.get_formatter(config.model.name, config.input, tok, train=True)
+    score = nnx.jit(lambda m, b: family.score(m, b, config))
+    attrs, words = video_attributes(), [w for w, _ in sample.COLOURS.values()]
+    table = features.FeatureTable(blip2.features_dir(config), split)
+    right = total = 0
+    for i, video_id in enumerate(table.keys):
+        a = attrs.get(video_id)
+        if a is None or a.get("bad"):
+            continue
+        record = dict(video_id=video_id, title="", context=[blip2_captions.DEFAULT_PROMPT],
+                      responses=["-"], visual=table[i])  # fmt: skip
+        batch = {**fmt([record]), "example_mask": np.ones(1, bool)}
+        if blind:
+            batch["visual_mask"] = np.zeros_like(batch["visual_mask"])
+        shape = sample.SHAPES[a["shape"]]
+        cands = [[sample.CAPTION_TEMPLATES[0].format(c=w, s=shape) for w in words]]
+        ids, mask = family.encode_candidates(config, tok, cands)
+        with jax.set_mesh(mesh):
+            s = np.asarray(score(model, {**batch, "candidate_ids": ids, "candidate_mask": mask}))
+        right += int(s[0].argmax() == words.index(sample.COLOURS[a["colour"]][0]))
+        total += 1
+    return f"{right}/{total}"
+
+
 def _video_id(record: dict) -> str:
     from tiktalk_jax.input_pipeline import as_text
 
@@ -431,46 +514,89 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--variants", default="img,video,temporal")
     p.add_argument("--llm_steps", type=int, default=LLM_STEPS)
-    p.add_argument("--steps", type=int, default=BLIP2_STEPS)
+    p.add_argument("--caption_steps", type=int, default=CAPTION_STEPS,
+                   help="the caption stage's steps per variant; 0: no caption stage")  # fmt: skip
+    p.add_argument("--steps", type=int, default=BLIP2_STEPS, help="dialogue stage steps")
+    p.add_argument("--lr", type=float, default=None, help="dialogue stage lr (config's: 1e-3)")
+    p.add_argument("--batch", type=int, default=None, help="dialogue stage batch (config's: 16)")
+    p.add_argument("--dropout", type=float, default=None, help="Q-Former dropout (0.1)")
+    p.add_argument("--train_kinds", default=None,
+                   help="dialogue stage on these kinds only, e.g. vision")  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the dialogue runs' directories")
     p.add_argument("--out", default=None, help="also write the tables into this markdown file")
     p.add_argument("--probe", action="store_true")
     args = p.parse_args(argv)
     from absl import logging
 
+    from tiktalk_jax import sample
+
     logging.set_verbosity(logging.WARNING)
     start = time.perf_counter()
     data_dir, kinds = prepare(args.workdir)
+    captions = os.path.join(os.path.dirname(kinds), sample.CAPTIONS_FILE)
+    if not os.path.isfile(captions):  # a workdir prepared before the sample had captions
+        with tempfile.TemporaryDirectory() as tmp:
+            sample.write_sample(tmp, seed=0)
+            os.replace(os.path.join(tmp, sample.CAPTIONS_FILE), captions)
     vit_dir = extract_vit(data_dir)
     print(f"data ready {time.perf_counter() - start:.0f} s", flush=True)
     runs = os.path.join(args.workdir, "runs")
     llm_run = os.path.join(runs, "llm_text")
     scores = {"LLM (text)": run(llm_config(data_dir, kinds, args.llm_steps), llm_run)}
+    dirs = {"LLM (text)": llm_run}
+    caption_dirs = {}
+    settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout)
     for variant in args.variants.split(","):
-        config = blip2_config(variant, data_dir, kinds, llm_run, args.steps)
-        scores[f"BLIP-2 {variant}"] = run(config, os.path.join(runs, f"blip2_{variant}"))
+        qformer_run = None
+        if args.caption_steps:
+            qformer_run = os.path.join(runs, f"blip2_{variant}_caption{args.caption_steps}")
+            caption = blip2_config(variant, data_dir, kinds, llm_run, args.caption_steps,
+                                   captions=captions)  # fmt: skip
+            run(caption, qformer_run)
+            caption_dirs[variant] = qformer_run
+        config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,
+                              qformer_run=qformer_run, **settings)  # fmt: skip
+        name = f"BLIP-2 {variant}" + (" (caption stage)" if qformer_run else "")
+        dirs[name] = os.path.join(runs, f"blip2_{variant}{'_cap' if qformer_run else ''}{args.tag}")
+        scores[name] = run(config, dirs[name], args.train_kinds)
     text = table(scores)
     text = (
-        f"LLM {args.llm_steps} steps, BLIP-2 {args.steps} steps "
+        f"LLM {args.llm_steps} steps, caption stage {args.caption_steps} steps, dialogue stage "
+        f"{args.steps} steps {json.dumps({k: v for k, v in settings.items() if v is not None})}"
+        f"{' on ' + args.train_kinds + ' dialogues' if args.train_kinds else ''} "
         f"({time.perf_counter() - start:.0f} s in all)\n\n{text}\n"
     )
+    text += "\nColour chosen right on the vision dialogues (reference with each colour word, by "
+    text += "likelihood; chance 25%)\n\n| run | train | test | test without frames |\n"
+    text += "|---|---|---|---|\n"
+    for name, rd in dirs.items():
+        blind = colour_choice(rd, "test", blind=True) if name != "LLM (text)" else "-"
+        text += (
+            f"| {name} | {colour_choice(rd, 'train')} | {colour_choice(rd, 'test')} | {blind} |\n"
+        )
+    if caption_dirs:
+        text += "\nCaption stage: colour named right from the frames alone (caption prompt, "
+        text += "no title or context; chance 25%)\n\n| variant | train | test | test without "
+        text += "frames |\n|---|---|---|---|\n"
+        for variant, rd in caption_dirs.items():
+            found = [caption_colour_choice(rd, split) for split in ("train", "test")]
+            blind = caption_colour_choice(rd, "test", blind=True)
+            text += f"| {variant} | {found[0]} | {found[1]} | {blind} |\n"
     if args.probe:
         probes = feature_probes(vit_dir)
         text += "\nLinear probes on the tiny ViT's tokens (held-out videos correct)\n\n"
         text += "| tokens | colour | shape |\n|---|---|---|\n"
         text += "".join(f"| {k} | {v['colour']} | {v['shape']} |\n" for k, v in probes.items())
-        text += "\nColour chosen right (reference with each colour word, by likelihood)\n\n"
-        text += "| run | train | test |\n|---|---|---|\n"
-        for name, rd in [("LLM (text)", llm_run)] + [
-            (f"BLIP-2 {v}", os.path.join(runs, f"blip2_{v}")) for v in args.variants.split(",")
-        ]:
-            text += f"| {name} | {colour_choice(rd, 'train')} | {colour_choice(rd, 'test')} |\n"
-        for variant in args.variants.split(","):
-            found = prefix_probe(os.path.join(runs, f"blip2_{variant}"))
-            text += f"\nBLIP-2 {variant} prefix: " + json.dumps(found, ensure_ascii=False) + "\n"
-        oracle = soft_prompt_oracle(os.path.join(runs, f"blip2_{variant}"))
-        text += "\nFree per-colour prefix through the frozen LLM: " + json.dumps(oracle) + "\n"
+        for name, rd in dirs.items():
+            if name != "LLM (text)":
+                text += f"\n{name} prefix: " + json.dumps(prefix_probe(rd), ensure_ascii=False)
+        oracle = soft_prompt_oracle(rd)
+        text += "\n\nFree per-colour prefix through the frozen LLM: " + json.dumps(oracle) + "\n"
     with open(os.path.join(args.workdir, "blip2_vision.md"), "w", encoding="utf-8") as f:
         f.write(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
     print(text)
 
 
