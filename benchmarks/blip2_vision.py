@@ -110,6 +110,8 @@ def blip2_config(
         arg += f",stage=caption,captions={captions}"
     if qformer_run:
         arg += f",qformer_run={qformer_run}"
+    if settings.get("caption_mix"):
+        arg += f",captions={settings['mix_captions']},caption_mix={settings['caption_mix']}"
     config = blip2.get_config(arg)
     _schedule(config, steps)
     if settings.get("lr"):
@@ -389,6 +391,40 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     return f"{right}/{total}"
 
 
+def shuffled_video_scores(run_dir: str) -> dict:
+    """The run's final model evaluated on test with every dialogue given the frames of ANOTHER
+    video (the next example of its eval batch with a different video id): if the gains over
+    the text LLM come from reading the video, they vanish here. Evaluates a copy of the run."""
+    import shutil
+
+    from tiktalk_jax import evaluate
+    from tiktalk_jax.input_pipeline import as_text
+    from tiktalk_jax.models import blip2_inputs
+
+    copy = run_dir.rstrip("/") + "_shuffled_video"
+    if not os.path.isdir(copy):
+        shutil.copytree(os.path.join(run_dir, "checkpoints"), os.path.join(copy, "checkpoints"))
+        shutil.copy(os.path.join(run_dir, "config.json"), copy)
+    original = blip2_inputs.Blip2Formatter.__call__
+
+    def other_videos(self, records):
+        batch = original(self, records)
+        ids = [as_text(r["video_id"]) for r in records]
+        n = len(ids)
+        pick = [next(((i + k) % n for k in range(1, n) if ids[(i + k) % n] != ids[i]), i)
+                for i in range(n)]  # fmt: skip
+        batch["visual"], batch["visual_mask"] = batch["visual"][pick], batch["visual_mask"][pick]
+        return batch
+
+    blip2_inputs.Blip2Formatter.__call__ = other_videos
+    try:
+        config = evaluate.load_config(copy)
+        (result,) = evaluate.evaluate(config, copy, split="test", skip_meteor=True)
+    finally:
+        blip2_inputs.Blip2Formatter.__call__ = original
+    return result.scores
+
+
 def caption_colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     """Does the Q-Former tell the frozen LLM the colour, with no text to lean on? For every
     video of `split` with features, the caption prompt alone (no title, no context) and the
@@ -522,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout", type=float, default=None, help="Q-Former dropout (0.1)")
     p.add_argument("--train_kinds", default=None,
                    help="dialogue stage on these kinds only, e.g. vision")  # fmt: skip
+    p.add_argument("--caption_mix", type=int, default=0,
+                   help="dialogue stage: add every train caption record N times")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the dialogue runs' directories")
     p.add_argument("--out", default=None, help="also write the tables into this markdown file")
     p.add_argument("--probe", action="store_true")
@@ -545,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     scores = {"LLM (text)": run(llm_config(data_dir, kinds, args.llm_steps), llm_run)}
     dirs = {"LLM (text)": llm_run}
     caption_dirs = {}
-    settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout)
+    settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout,
+                    caption_mix=args.caption_mix or None, mix_captions=captions)  # fmt: skip
     for variant in args.variants.split(","):
         qformer_run = None
         if args.caption_steps:
@@ -574,6 +613,15 @@ def main(argv: list[str] | None = None) -> None:
         text += (
             f"| {name} | {colour_choice(rd, 'train')} | {colour_choice(rd, 'test')} | {blind} |\n"
         )
+    text += "\nVision replies (n=14) with each dialogue's own video and with ANOTHER video's "
+    text += "frames (`shuffled_video_scores`)\n\n| run | frames | " + " | ".join(METRICS.values())
+    text += " |\n|---" * 1 + "|---" * (len(METRICS) + 1) + "|\n"
+    for name, rd in dirs.items():
+        if name == "LLM (text)":
+            continue
+        for label, s in (("own", scores[name]), ("another video", shuffled_video_scores(rd))):
+            cells = " | ".join(f"{s['per_kind']['vision'][m]:.1f}" for m in METRICS)
+            text += f"| {name} | {label} | {cells} |\n"
     if caption_dirs:
         text += "\nCaption stage: colour named right from the frames alone (caption prompt, "
         text += "no title or context; chance 25%)\n\n| variant | train | test | test without "

@@ -46,8 +46,11 @@ The config argument (comma-separated `key=value`):
   stage      dialogue (default: train on the dialogues) | caption (BLIP-2's second
              pre-training stage on `captions`: the frozen LLM continues a caption of the video
              from the query prefix alone, no title or context; blip2_captions.py).
-  captions   caption stage: a JSON file {video_id: caption or [captions]} (the sample writes
-             sample_captions.json); eval scores captions of the eval splits' videos.
+  captions   a JSON file {video_id: caption or [captions]} (the sample writes
+             sample_captions.json). Caption stage: its records are the data (eval scores the
+             captions of the eval splits' videos). Dialogue stage with caption_mix=N: every
+             train caption record is added N times to the train dialogues.
+  caption_mix see captions (default 0: dialogues only).
   qformer_run a workdir of a blip2 run (the caption stage) to start the Q-Former and the
              projection from; its frozen LLM must be this one (checked).
   kinds_file a `sample_kinds.json`: eval adds per-kind scores (e.g. replies that need vision).
@@ -90,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         qformer=None,
         stage="dialogue",
         captions=None,
+        caption_mix=0,
         qformer_run=None,
         kinds_file=None,
     )
@@ -102,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {args.stage!r}")
     caption = args.stage == "caption"
+    if args.captions and not caption and not int(args.caption_mix):
+        raise ValueError("captions= in the dialogue stage needs caption_mix=N (N >= 1)")
     if caption and not args.captions:
         raise ValueError("stage=caption needs captions=<a JSON file {video_id: [captions]}>")
     tiny = args.size == "tiny"
@@ -147,9 +153,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inp.num_references = 5
     inp.batch_size = 16 if tiny else 32
     inp.eval_batch_size = 16 if tiny else 32
-    if caption:
+    if caption or int(args.caption_mix):
+        if not args.captions:
+            raise ValueError("caption_mix needs captions=<a JSON file {video_id: [captions]}>")
         inp.captions_file = args.captions
         inp.caption_prompt = blip2_captions.DEFAULT_PROMPT
+        inp.caption_mix = 0 if caption else int(args.caption_mix)
 
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     opt = config.optim

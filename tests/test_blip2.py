@@ -544,6 +544,14 @@ def test_caption_stage_aligns_the_qformer_the_dialogue_stage_starts_from(sample_
     gens = [json.loads(line) for line in open(scores.generations_path, encoding="utf-8")]
     assert all(g["references"] == by_video[g["dialogue_id"]] for g in gens)
 
+    # The dialogue stage with the train captions mixed in: dialogues + every caption record x 2.
+    mixed = blip2_config.get_config(f"variant=img,captions={captions},caption_mix=2,{common}")
+    mixed_sources = registry.get("blip2").data_inputs(mixed)["sources"]
+    dialogues = ip.open_split(ip.dataset_dir(data), "train")
+    assert set(mixed_sources) == {"train"}
+    assert len(mixed_sources["train"]) == len(dialogues) + 2 * len(sources["train"])
+    assert mixed_sources["train"][len(dialogues)] == sources["train"][0]
+
     dialogue = blip2_config.get_config(f"variant=temporal,frames=2,qformer_run={cap_dir},{common}")
     _shrink(dialogue)
     dialogue.model.qformer.update(shape)

@@ -55,3 +55,33 @@ def test_split_sources_needs_captioned_train_videos():
     assert [r["dialogue_id"] for r in out["val"]] == ["v"]
     with pytest.raises(ValueError, match="no video of the 'train' features has a caption"):
         bc.split_sources(captions, {"train": ["b"], "val": ["v"]}, "train")
+
+
+def test_mixed_source_appends_the_captions_repeated():
+    dialogues = [{"dialogue_id": f"d{i}"} for i in range(3)]
+    captions = [{"dialogue_id": "a#0"}, {"dialogue_id": "b#0"}]
+    mixed = bc.MixedSource(dialogues, captions, 2)
+    assert len(mixed) == 7
+    assert [mixed[i]["dialogue_id"] for i in range(7)] == ["d0", "d1", "d2", "a#0", "b#0", "a#0",
+                                                           "b#0"]  # fmt: skip
+    assert mixed[-1]["dialogue_id"] == "b#0"
+    with pytest.raises(IndexError):
+        mixed[7]
+    with pytest.raises(ValueError, match="repeats"):
+        bc.MixedSource(dialogues, captions, 0)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("captions=c.json", "needs caption_mix"),
+        ("caption_mix=2", "caption_mix needs captions"),
+        ("stage=caption", "stage=caption needs captions"),
+        ("stage=pretrain", "stage must be one of"),
+    ],
+)
+def test_config_refuses_incomplete_caption_settings(arg, message):
+    from configs import blip2 as blip2_config
+
+    with pytest.raises(ValueError, match=message):
+        blip2_config.get_config(f"size=tiny,{arg}")

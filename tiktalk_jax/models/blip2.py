@@ -431,10 +431,11 @@ def frozen_source(config: ml_collections.ConfigDict) -> str | None:
     return config.model.get("llm_run") or config.model.llm.get("init_from")
 
 
-def caption_sources(config: ml_collections.ConfigDict) -> dict[str, list[dict[str, Any]]]:
-    """`registry.ModelFamily.sources`: with `config.input.captions_file` set (the caption
-    stage, blip2_captions.py), the caption records of the train and eval splits, each split's
-    videos being its features table's; otherwise nothing (the dialogues)."""
+def caption_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`registry.ModelFamily.sources` (blip2_captions.py). With `config.input.captions_file`:
+    `caption_mix` = 0 (the caption stage) gives the caption records of the train and eval
+    splits, each split's videos being its features table's; `caption_mix` = N > 0 gives the
+    train dialogues plus the train caption records N times. Without: nothing (the dialogues)."""
     from tiktalk_jax import features
 
     cfg = config.input
@@ -442,12 +443,21 @@ def caption_sources(config: ml_collections.ConfigDict) -> dict[str, list[dict[st
         return {}
     captions = blip2_captions.read_captions(cfg.captions_file)
     directory = features_dir(config)
-    videos = {
-        split: list(features.FeatureTable(directory, split).keys)
-        for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits])
-    }
+    mix = int(cfg.get("caption_mix", 0))
+    splits = [cfg.train_split] if mix else [cfg.train_split, *cfg.eval_splits]
+    videos = {s: list(features.FeatureTable(directory, s).keys) for s in dict.fromkeys(splits)}
     prompt = cfg.get("caption_prompt") or blip2_captions.DEFAULT_PROMPT
-    return blip2_captions.split_sources(captions, videos, cfg.train_split, prompt)
+    out = blip2_captions.split_sources(captions, videos, cfg.train_split, prompt)
+    if not mix:
+        return out
+    version_dir = input_pipeline.dataset_dir(cfg.data_dir, cfg.dataset)
+    dialogues = input_pipeline.open_split(version_dir, cfg.train_split)
+    mixed = blip2_captions.MixedSource(dialogues, out[cfg.train_split], mix)
+    logging.info(
+        "BLIP-2 dialogue stage: %d train dialogues + %d caption records x %d",
+        len(dialogues), len(out[cfg.train_split]), mix,
+    )  # fmt: skip
+    return {cfg.train_split: mixed}
 
 
 def family_generate(model: Blip2Dialogue, batch: Batch, config) -> Array:

@@ -15,6 +15,15 @@ Captions file (`config.input.captions_file`): a JSON object `{video_id: caption 
 in UTF-8. Captions that are not non-empty strings are dropped and counted; a file that is not
 such an object raises with what was found.
 
+Two uses (configs/blip2.py):
+  stage=caption      the train and eval splits ARE the caption records (`split_sources`);
+  caption_mix=N      the dialogue stage trains on the dialogues plus every train caption record
+                     N times (`MixedSource`), as InstructBLIP / LLaVA mix captions into
+                     instruction data: the caption loss keeps the queries about the picture
+                     while the dialogue loss teaches the frozen LLM's dialogue use of them.
+                     Measured on the sample: the dialogue stage alone turns the Q-Former into
+                     one soft prompt for every video (docs/blip2_vision.md).
+
 Records, in the dialogue layout the `llm` / `blip2` formatters read, for the videos of a split's
 features table that have captions (the split of a video is the split of its features):
   train split   one record per (video, caption): dialogue_id "<video_id>#<i>"
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 DEFAULT_PROMPT = "视频里有什么？"  # "what is in the video?"
@@ -103,3 +112,26 @@ def split_sources(
             )
         out[split] = records
     return out
+
+
+class MixedSource(Sequence):
+    """The dialogues followed by the caption records repeated `repeats` times: one random-access
+    source for the train pipeline (which shuffles it)."""
+
+    def __init__(self, dialogues: Sequence[Any], captions: Sequence[dict], repeats: int):
+        if repeats < 1:
+            raise ValueError(f"caption repeats must be >= 1, got {repeats}")
+        self.dialogues, self.captions, self.repeats = dialogues, list(captions), int(repeats)
+
+    def __len__(self) -> int:
+        return len(self.dialogues) + self.repeats * len(self.captions)
+
+    def __getitem__(self, index: int) -> Any:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index < len(self.dialogues):
+            return self.dialogues[index]
+        return self.captions[(index - len(self.dialogues)) % len(self.captions)]
