@@ -85,3 +85,17 @@ def test_config_refuses_incomplete_caption_settings(arg, message):
 
     with pytest.raises(ValueError, match=message):
         blip2_config.get_config(f"size=tiny,{arg}")
+
+
+def test_config_caption_stage_and_mix_settings():
+    from configs import blip2 as blip2_config
+
+    stage = blip2_config.get_config("size=tiny,stage=caption,captions=c.json,kinds_file=k.json")
+    assert stage.input.captions_file == "c.json" and stage.input.caption_mix == 0
+    assert stage.eval.kinds_file is None and stage.eval.num_negatives == 0  # captions, not replies
+    assert stage.total_steps == 2000 and stage.optim.lr == 3e-3
+    mix = blip2_config.get_config("size=tiny,captions=c.json,caption_mix=2,qformer_run=/r")
+    assert mix.input.caption_mix == 2 and mix.model.qformer_run == "/r"
+    assert mix.eval.num_negatives > 0
+    plain = blip2_config.get_config("size=tiny")
+    assert not plain.input.get("captions_file") and plain.model.qformer_run is None

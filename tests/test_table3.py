@@ -35,7 +35,15 @@ CONFIGS = {
     "dialogpt": ("gpt2", ("size=tiny", "size=base")),
     "livebot": ("livebot", ("size=tiny", "size=base")),
     "llm_text": ("llm", ("size=tiny", "size=qwen2.5-7b,lora=false")),
-    "blip2": ("blip2", ("variant=img,size=tiny", "variant=video,size=qwen2.5-7b")),
+    "blip2": (
+        "blip2",
+        (
+            "variant=img,size=tiny",
+            "variant=video,size=qwen2.5-7b",
+            "stage=caption,captions=/c.json,size=tiny",
+            "captions=/c.json,caption_mix=2,qformer_run=/run,size=qwen2.5-7b",
+        ),
+    ),
     "maria": ("maria", tuple(f"variant={v},size=tiny" for v in ("t", "ta", "tk", "tvak"))),
 }
 
