@@ -384,6 +384,8 @@ def init_state(
     logical-axis rules. Call under `jax.set_mesh(mesh)`. Benchmarks build the step with this
     and `compile_steps`, so they time exactly what the loop runs."""
     model = family.build(config, nnx.Rngs(int(config.seed)))
+    if family.initialize is not None:
+        family.initialize(model, config)
     frozen_f = optim.frozen_filter(config.frozen)
     trainable_f = optim.trainable_filter(config.frozen)
     optimizer = optim.make_optimizer(model, config.optim, int(config.total_steps), config.frozen)

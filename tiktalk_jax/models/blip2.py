@@ -334,10 +334,13 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Blip2Dialogue:
         llm_model = llm.build(_llm_section(config), rngs)
     qf = _qformer_model(config, llm_model.config.hidden_size, rngs)
     frames = int(config.input.visual_frames) if m.variant == "temporal" else 0
-    model = Blip2Dialogue(qf, llm_model, num_frames=frames, param_dtype=jnp.dtype(m.param_dtype))
-    if m.get("qformer_run"):
-        adapter_from_run(model, config, m.qformer_run)
-    return model
+    return Blip2Dialogue(qf, llm_model, num_frames=frames, param_dtype=jnp.dtype(m.param_dtype))
+
+
+def initialize(model: Blip2Dialogue, config: ml_collections.ConfigDict) -> None:
+    """`registry.ModelFamily.initialize`: the Q-Former of `config.model.qformer_run`, if set."""
+    if config.model.get("qformer_run"):
+        adapter_from_run(model, config, config.model.qformer_run)
 
 
 def adapter_from_run(model: Blip2Dialogue, config: ml_collections.ConfigDict, workdir: str):
@@ -488,6 +491,7 @@ registry.register(
         frozen_source=frozen_source,
         side_tables=side_tables,
         sources=caption_sources,
+        initialize=initialize,
         generate=family_generate,
         score=family_score,
         decode_text=llm_inputs.decode_text,

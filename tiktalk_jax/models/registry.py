@@ -30,6 +30,10 @@ is all a config needs. The loop never looks inside a model or a batch; the contr
       their fingerprint so a changed frozen tower is reported by path.
   side_tables(config) -> {split: [input_pipeline.SideTable]}   (optional)
       Side tables (features per video, knowledge per dialogue) the pipeline joins.
+  initialize(model, config) -> None   (optional)
+      Fills trainable weights from elsewhere before training starts (BLIP-2's `qformer_run`).
+      Called by `train.init_state` only: a model rebuilt to load a checkpoint (evaluation) gets
+      those weights from the checkpoint.
   sources(config) -> {split: Sequence[record]}   (optional)
       Records that replace the TFDS dialogues of some splits (e.g. BLIP-2's caption pairs in
       its caption stage); an empty mapping (the usual case) keeps the dialogues.
@@ -78,6 +82,7 @@ class ModelFamily:
     frozen_source: Callable[[ml_collections.ConfigDict], str | None] | None = None
     side_tables: Callable[[ml_collections.ConfigDict], Mapping[str, Sequence[Any]]] | None = None
     sources: Callable[[ml_collections.ConfigDict], Mapping[str, Sequence[Any]]] | None = None
+    initialize: Callable[[nnx.Module, ml_collections.ConfigDict], None] | None = None
     generate: Callable[..., jax.Array] | None = None
     score: Callable[..., jax.Array] | None = None
     decode_text: DecodeTextFn | None = None
