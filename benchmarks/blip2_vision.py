@@ -114,6 +114,8 @@ def blip2_config(
         arg += f",captions={settings['mix_captions']},caption_mix={settings['caption_mix']}"
     config = blip2.get_config(arg)
     _schedule(config, steps)
+    if settings.get("seed") is not None:  # init, dropout and data order of the BLIP-2 runs
+        config.seed = config.input.seed = settings["seed"]
     if settings.get("lr"):
         config.optim.lr = settings["lr"]
     if settings.get("batch"):
@@ -560,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="dialogue stage on these kinds only, e.g. vision")  # fmt: skip
     p.add_argument("--caption_mix", type=int, default=0,
                    help="dialogue stage: add every train caption record N times")  # fmt: skip
-    p.add_argument("--tag", default="", help="suffix of the dialogue runs' directories")
+    p.add_argument("--seed", type=int, default=None, help="the BLIP-2 runs' seed (config's: 0)")
+    p.add_argument("--tag", default="", help="suffix of the BLIP-2 runs' directories")
     p.add_argument("--out", default=None, help="also write the tables into this markdown file")
     p.add_argument("--probe", action="store_true")
     args = p.parse_args(argv)
@@ -584,13 +587,15 @@ def main(argv: list[str] | None = None) -> None:
     dirs = {"LLM (text)": llm_run}
     caption_dirs = {}
     settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout,
-                    caption_mix=args.caption_mix or None, mix_captions=captions)  # fmt: skip
+                    caption_mix=args.caption_mix or None, mix_captions=captions,
+                    seed=args.seed)  # fmt: skip
     for variant in args.variants.split(","):
         qformer_run = None
         if args.caption_steps:
-            qformer_run = os.path.join(runs, f"blip2_{variant}_caption{args.caption_steps}")
+            seed = f"_seed{args.seed}" if args.seed is not None else ""
+            qformer_run = os.path.join(runs, f"blip2_{variant}_caption{args.caption_steps}{seed}")
             caption = blip2_config(variant, data_dir, kinds, llm_run, args.caption_steps,
-                                   captions=captions)  # fmt: skip
+                                   captions=captions, seed=args.seed)  # fmt: skip
             run(caption, qformer_run)
             caption_dirs[variant] = qformer_run
         config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,
