@@ -51,7 +51,6 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import llm_text  # noqa: E402
 from tiktalk_jax import optim, sharding, train  # noqa: E402
@@ -142,31 +141,12 @@ def compile_step(
 
     rules = tuple(tuple(r) for r in config.sharding.rules)
     place = lambda s: sharding.state_shardings(s, mesh, rules, ())  # noqa: E731
-    replicated = NamedSharding(mesh, P())
     steps = train._Steps(family, config, mesh, model_def, model_def, opt_def, trainable_f)
     steps.metrics_cls = train._metrics_class(["loss", "grad_norm", "token_accuracy", "tokens"])
-    metrics = jax.eval_shape(steps.metrics_cls.empty)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
-    carry = {
-        "params": params,
-        "rest": rest,
-        "opt": opt_state,
-        "rng": key,
-        "step": scalar(jnp.int32),
-        "bad": {"step": scalar(jnp.int32), "loss": scalar(jnp.float32),
-                "grad_norm": scalar(jnp.float32)},
-        "metrics": metrics,
-    }  # fmt: skip
-    carry_sh = {
-        "params": place(params),
-        "rest": place(rest),
-        "opt": place(opt_state),
-        "rng": replicated,
-        "step": replicated,
-        "bad": jax.tree.map(lambda _: replicated, carry["bad"]),
-        "metrics": jax.tree.map(lambda _: replicated, metrics),
-    }
+    # The loop's own carry layout and shardings, abstract.
+    carry = jax.eval_shape(lambda p, r, o: train.new_carry(p, r, o, 0), params, rest, opt_state)
+    carry["metrics"] = jax.eval_shape(steps.metrics_cls.empty)
+    carry_sh = train.carry_shardings(carry, mesh, place)
     frozen_sh = place(frozen)
     b, lc, lr = (
         int(config.input[k]) for k in ("batch_size", "max_context_len", "max_response_len")

@@ -134,3 +134,25 @@ def test_check_frozen_reports_both_sources_and_hashes(mesh):
     message = str(err.value)
     assert "ckpt/5" in message and "/weights/llm-v1" in message and "/weights/llm-v2" in message
     assert recorded["sha256"] in message and now["sha256"] in message
+
+
+def test_committed_steps_and_read_state_leave_another_runs_directory_as_it_is(tmp_path, mesh):
+    """What a second run reads of a first run's checkpoints (BLIP-2's qformer_run): the
+    committed steps, the named subtree, and nothing in the directory changed."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+    for step in (2, 5):
+        ckpt.save(step, _state(mesh, step), {"i": step}, {"frozen": {"sha256": "x"}})
+    ckpt.close()
+    partial = tmp_path / "7.orbax-checkpoint-tmp-1"  # a save still in flight
+    partial.mkdir()
+    (tmp_path / "notes").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert checkpoint.committed_steps(str(tmp_path)) == ckpt.all_steps() == [2, 5]
+    assert checkpoint.committed_steps(str(tmp_path / "missing")) == []
+    target = {"params": {"layers": {0: {"kernel": jnp.zeros((8, 8))}}}}
+    tree, meta = checkpoint.read_state(str(tmp_path), 5, target)
+    np.testing.assert_array_equal(
+        np.asarray(tree["params"]["layers"][0]["kernel"]), np.arange(64).reshape(8, 8) * 5
+    )
+    assert meta["frozen"] == {"sha256": "x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

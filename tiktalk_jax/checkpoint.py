@@ -221,6 +221,20 @@ def abstract_like(tree: Any) -> Any:
     )
 
 
+def committed_steps(directory: str) -> list[int]:
+    """The steps of `directory` whose save committed (Orbax's `_CHECKPOINT_METADATA` written),
+    ascending; read-only (unlike `Checkpointer`, which prunes and creates), so it is safe on
+    another run's directory, even one still training."""
+    path = epath.Path(directory)
+    if not path.is_dir():
+        return []
+    return sorted(
+        int(child.name)
+        for child in path.iterdir()
+        if child.name.isdigit() and (child / "_CHECKPOINT_METADATA").exists()
+    )
+
+
 def read_state(directory: str, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Reads, read-only, the parts of checkpoint `step` in `directory` that `target` names
     (a pytree of arrays laid out like the saved state, e.g. `{"params": ...}`; the rest, such

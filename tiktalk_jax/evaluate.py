@@ -233,14 +233,7 @@ class ModelLoader:
         self.frozen_info = checkpoint.frozen_record(self.frozen, source)
 
     def steps(self) -> list[int]:
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(
-            int(n)
-            for n in os.listdir(self.directory)
-            if n.isdigit()
-            and os.path.exists(os.path.join(self.directory, n, "_CHECKPOINT_METADATA"))
-        )
+        return checkpoint.committed_steps(self.directory)
 
     def load(self, step: int) -> nnx.Module:
         """The model with the params and state of checkpoint `step` (frozen weights checked)."""

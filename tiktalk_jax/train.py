@@ -403,27 +403,36 @@ def init_state(
     frozen_sh = place(frozen)
     frozen = jax.device_put(frozen, frozen_sh)
     steps = _Steps(family, config, mesh, model_def, eval_def, opt_def, trainable_f)
-    carry = {
+    carry = new_carry(params, rest, opt_state, int(config.seed))
+    carry_sh = carry_shardings(carry, mesh, place)
+    carry = jax.device_put(carry, carry_sh)
+    return TrainState(steps, carry, carry_sh, frozen, frozen_sh)
+
+
+def new_carry(params: Any, rest: Any, opt_state: Any, seed: int) -> dict[str, Any]:
+    """The step's carry before training (the metrics accumulator is added by `compile_steps`).
+    Under `jax.eval_shape` (with `seed` bound) it gives the abstract carry of an AOT compile."""
+    return {
         "params": params,
         "rest": rest,
         "opt": opt_state,
-        "rng": jax.random.fold_in(jax.random.key(int(config.seed)), 1),
+        "rng": jax.random.fold_in(jax.random.key(seed), 1),
         "step": jnp.zeros((), jnp.int32),
         "bad": {
             k: jnp.asarray(v, jnp.int32 if k == "step" else jnp.float32) for k, v in _NO_BAD.items()
         },
     }
+
+
+def carry_shardings(carry: dict[str, Any], mesh: Mesh, place) -> dict[str, Any]:
+    """Shardings of `carry`: params / rest / opt by `place` (the logical-axis rules), every
+    other entry (rng, step, bad, metrics) replicated."""
     replicated = NamedSharding(mesh, P())
-    carry_sh = {
-        "params": place(params),
-        "rest": place(rest),
-        "opt": place(opt_state),
-        "rng": replicated,
-        "step": replicated,
-        "bad": replicated,
+    state = ("params", "rest", "opt")
+    return {
+        k: place(v) if k in state else jax.tree.map(lambda _: replicated, v)
+        for k, v in carry.items()
     }
-    carry = jax.device_put(carry, carry_sh)
-    return TrainState(steps, carry, carry_sh, frozen, frozen_sh)
 
 
 def compile_steps(state: TrainState, mesh: Mesh, first_batch: Mapping[str, Any] | None):

@@ -355,11 +355,10 @@ def adapter_from_run(model: Blip2Dialogue, config: ml_collections.ConfigDict, wo
     if run.model.name != "blip2":
         raise ValueError(f"{workdir} is a {run.model.name!r} run, not a 'blip2' run")
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = checkpoint.Checkpointer(directory, keep=1, async_save=False)
-    step = steps.latest_step()
-    steps.close()
-    if step is None:
+    steps = checkpoint.committed_steps(directory)
+    if not steps:
         raise FileNotFoundError(f"{workdir} has no checkpoint")
+    step = steps[-1]
     frozen_f = optim.frozen_filter(config.frozen)
     adapter_f = nnx.All(nnx.Param, nnx.PathContains("qformer"))
     _, frozen, adapter, _ = nnx.split(model, frozen_f, adapter_f, ...)
