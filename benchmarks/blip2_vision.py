@@ -129,7 +129,7 @@ def blip2_config(
 def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
     """Trains and evaluates `config` in `run_dir`; a run with its final scores is reused.
     `train_kinds` (e.g. "vision"): train on the dialogues of those kinds only (an ablation)."""
-    from tiktalk_jax import evaluate, input_pipeline, train
+    from tiktalk_jax import evaluate, input_pipeline
     from tiktalk_jax.models import registry
 
     path = evaluate.scores_path(run_dir, "test", int(config.total_steps))
@@ -137,7 +137,6 @@ def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
         print(f"  reused {path}")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    start = time.perf_counter()
     datasets = None
     if train_kinds:
         with open(config.eval.kinds_file, encoding="utf-8") as f:
@@ -150,11 +149,10 @@ def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
         datasets = input_pipeline.make_datasets(
             config, side_tables=inputs["side_tables"], sources={"train": keep}
         )
-    result = train.train_and_evaluate(config, run_dir, datasets=datasets)
-    trained = time.perf_counter() - start
-    (scores,) = evaluate.evaluate(config, run_dir, model=result.model, model_step=result.step)
-    print(f"  trained {trained:.0f} s, evaluated {time.perf_counter() - start - trained:.0f} s "
-          f"-> {run_dir}", flush=True)  # fmt: skip
+    scores, trained, evaluated = entry.train_and_evaluate_variant(
+        config, run_dir, datasets=datasets
+    )
+    print(f"  trained {trained:.0f} s, evaluated {evaluated:.0f} s -> {run_dir}", flush=True)
     return scores.scores
 
 

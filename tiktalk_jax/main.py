@@ -224,12 +224,15 @@ def sample_config(variant: str, workdir: str, features: dict[str, tuple[str, int
     return config
 
 
-def train_and_evaluate_variant(config, run_dir: str, skip_meteor: bool | None = None):
-    """Trains `config` in `run_dir` and evaluates the final model on config.eval.split."""
+def train_and_evaluate_variant(
+    config, run_dir: str, skip_meteor: bool | None = None, datasets=None
+):
+    """Trains `config` in `run_dir` (on `datasets` when given, else the config's) and evaluates
+    the final model on config.eval.split."""
     from tiktalk_jax import evaluate, train
 
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, run_dir)
+    result = train.train_and_evaluate(config, run_dir, datasets=datasets)
     trained = time.perf_counter() - start
     (scores,) = evaluate.evaluate(
         config, run_dir, model=result.model, model_step=result.step, skip_meteor=skip_meteor
