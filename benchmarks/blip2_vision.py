@@ -102,7 +102,8 @@ def blip2_config(
 ):
     """configs/blip2.py tiny on `llm_run`'s LLM: the caption stage when `captions` is given
     (the sample's captions file), else the dialogue stage (from `qformer_run`'s Q-Former when
-    given). `settings`: lr / batch / dropout overrides (None keeps the config's)."""
+    given). `settings`: lr / batch / dropout overrides (None keeps the config's), caption_mix,
+    instruct (instruction-aware queries)."""
     from configs import blip2
 
     arg = f"variant={variant},size=tiny,data_dir={data_dir},llm_run={llm_run},kinds_file={kinds}"
@@ -110,6 +111,8 @@ def blip2_config(
         arg += f",stage=caption,captions={captions}"
     if qformer_run:
         arg += f",qformer_run={qformer_run}"
+    if settings.get("instruct"):
+        arg += ",instruct=true"
     if settings.get("caption_mix"):
         arg += f",captions={settings['mix_captions']},caption_mix={settings['caption_mix']}"
     config = blip2.get_config(arg)
@@ -561,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--caption_mix", type=int, default=0,
                    help="dialogue stage: add every train caption record N times")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="the BLIP-2 runs' seed (config's: 0)")
+    p.add_argument("--instruct", action="store_true",
+                   help="instruction-aware queries (InstructBLIP) in both stages")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the BLIP-2 runs' directories")
     p.add_argument("--out", default=None, help="also write the tables into this markdown file")
     p.add_argument("--probe", action="store_true")
@@ -586,14 +591,16 @@ def main(argv: list[str] | None = None) -> None:
     caption_dirs = {}
     settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout,
                     caption_mix=args.caption_mix or None, mix_captions=captions,
-                    seed=args.seed)  # fmt: skip
+                    seed=args.seed, instruct=args.instruct or None)  # fmt: skip
     for variant in args.variants.split(","):
         qformer_run = None
         if args.caption_steps:
             seed = f"_seed{args.seed}" if args.seed is not None else ""
+            seed += "_instruct" if args.instruct else ""
             qformer_run = os.path.join(runs, f"blip2_{variant}_caption{args.caption_steps}{seed}")
             caption = blip2_config(variant, data_dir, kinds, llm_run, args.caption_steps,
-                                   captions=captions, seed=args.seed)  # fmt: skip
+                                   captions=captions, seed=args.seed,
+                                   instruct=args.instruct)  # fmt: skip
             run(caption, qformer_run)
             caption_dirs[variant] = qformer_run
         config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,

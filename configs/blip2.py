@@ -53,6 +53,9 @@ The config argument (comma-separated `key=value`):
   caption_mix see captions (default 0: dialogues only).
   qformer_run a workdir of a blip2 run (the caption stage) to start the Q-Former and the
              projection from; its frozen LLM must be this one (checked).
+  instruct   true: instruction-aware queries (InstructBLIP): the prompt (title + context) also
+             enters the Q-Former, so the queries fetch what the turn asks about; a qformer_run
+             must have been trained with the same setting (checked).
   kinds_file a `sample_kinds.json`: eval adds per-kind scores (e.g. replies that need vision).
 Every field is also overridable as --config.x=y.
 
@@ -95,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         captions=None,
         caption_mix=0,
         qformer_run=None,
+        instruct=False,
         kinds_file=None,
     )
     from tiktalk_jax.models import blip2, blip2_captions, blip2_inputs, llm  # registers them
@@ -125,6 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.llm_run = common.optional_str(args.llm_run)
     config.model.qformer.init_from = common.optional_str(args.qformer)
     config.model.qformer_run = common.optional_str(args.qformer_run)
+    config.model.qformer.instruction = bool(args.instruct)
     if tiny:
         config.model.qformer.update(
             hidden_size=64,

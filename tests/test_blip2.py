@@ -352,6 +352,48 @@ def test_img_and_video_train_with_falling_loss(eval_model, vocab_dir, variant):
     assert all(np.array_equal(after[k], v) for k, v in frozen.items())
 
 
+def test_instructed_queries_read_the_prompt_and_train_with_the_adapter(vocab_dir):
+    """config.model.qformer.instruction (InstructBLIP): the prefix depends on the prompt, not on
+    its padding; training moves the instruction input with the rest of the adapter only."""
+    config = tiny_config("video", vocab_dir)
+    config.model.qformer.instruction = True
+    model = build(config)
+    assert model.instructed and not build(tiny_config("video", vocab_dir)).instructed
+    records = make_records(4, seed=8)
+    batch = formatted(config, records)
+    prefix = jit_with(model, lambda m, b: m.prompt_inputs(b)[0][:, : m.num_queries])
+    base = np.asarray(prefix(batch))
+    other = [dict(r, context=[r["context"][0] + "再问一次"]) for r in records]
+    changed = np.asarray(prefix(formatted(config, other)))
+    assert np.abs(changed - base).max() > 1e-4  # another prompt, another prefix
+    # The same prompt with more left padding (a longer neighbour in the batch): same prefix.
+    longer = records[:1] + [dict(records[1], context=["很长的上下文" * 3])]
+    pair = np.asarray(prefix(formatted(config, longer)))
+    np.testing.assert_allclose(pair[0], base[0], atol=1e-5)
+    params = _params(model)
+    assert {"qformer/instruction/projection/kernel",
+            "qformer/layers/0/text_mlp/up/kernel"} <= set(params)  # fmt: skip
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=optim.trainable_filter(config.frozen))
+    diff = nnx.DiffState(0, optim.trainable_filter(config.frozen))
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        grad_fn = nnx.value_and_grad(lambda m: blip2.loss_fn(m, batch), argnums=diff, has_aux=True)
+        (loss, _), grads = grad_fn(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(2):
+        train_step(model, optimizer, batch)
+    after = _params(model)
+    moved = {k for k in params if not np.array_equal(params[k], after[k])}
+    assert not {k for k in moved if k.startswith("llm/")}
+    # (The last layer's text FFN feeds nothing the queries read: it gets no gradient.)
+    assert {"qformer/instruction/projection/kernel", "qformer/layers/0/text_mlp/down/kernel",
+            "qformer/query_tokens"} <= moved  # fmt: skip
+    assert "qformer/layers/1/text_mlp/down/kernel" not in moved
+
+
 def test_pretrained_qformer_feeds_an_llm_of_another_width(vocab_dir, tmp_path, caplog):
     hf_config = transformers.Blip2Config(
         vision_config=dict(hidden_size=DIM, intermediate_size=16, num_hidden_layers=1,
@@ -474,15 +516,19 @@ def _shrink(config):
     config.eval.update(at_end=False, skip_meteor=True, num_negatives=3)
 
 
-@pytest.mark.parametrize("variant", blip2.VARIANTS)
-def test_each_variant_trains_and_evaluates_on_the_sample(sample_runs, variant, tmp_path):
+# video runs with instruction-aware queries (instruct=true) here: the loop and fsdp sharding
+# cover that option too; plain video trains and evaluates on the sample in tests/test_table3.py.
+@pytest.mark.parametrize("variant,instruct", [("img", False), ("video", True),
+                                              ("temporal", False)])  # fmt: skip
+def test_each_variant_trains_and_evaluates_on_the_sample(sample_runs, variant, instruct, tmp_path):
     from tiktalk_jax import evaluate
 
     data, kinds, llm_dir = sample_runs
     config = blip2_config.get_config(
         f"variant={variant},size=tiny,data_dir={data},llm_run={llm_dir},kinds_file={kinds},"
-        f"visual_dim={SAMPLE_VIT['hidden_size']},frames=2"
+        f"visual_dim={SAMPLE_VIT['hidden_size']},frames=2,instruct={instruct}"
     )
+    assert config.model.qformer.instruction == instruct
     _shrink(config)
     config.model.qformer.update(hidden_size=16, intermediate_size=32, num_query_tokens=2)
     result = train.train_and_evaluate(config, str(tmp_path))
@@ -499,6 +545,7 @@ def test_each_variant_trains_and_evaluates_on_the_sample(sample_runs, variant, t
     assert all(np.array_equal(after[k], before[k]) for k in before)
     spec = result.model.llm.layers[0].mlp.up.kernel.get_value().sharding.spec
     assert "fsdp" in jax.tree.leaves(tuple(spec)), spec
+    assert result.model.instructed == instruct
 
     if variant != "temporal":
         return  # img and video are evaluated on the sample by tests/test_table3.py (CPU time)
@@ -566,6 +613,13 @@ def test_caption_stage_aligns_the_qformer_the_dialogue_stage_starts_from(sample_
     qformer_keys = [k for k in aligned if k.startswith("qformer/")]
     assert qformer_keys and all(np.array_equal(start[k], aligned[k]) for k in qformer_keys)
     assert not np.any(start["frame_positions"])  # not in the img caption run: its init
+
+    instructed = blip2_config.get_config(
+        f"variant=img,qformer_run={cap_dir},instruct=true,{common}"
+    )
+    instructed.model.qformer.update(shape)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="without an instruction input"):
+        blip2.initialize(blip2.build(instructed, nnx.Rngs(1)), instructed)
 
     dialogue.model.llm_run = None  # a random-init LLM of the same shape
     with jax.set_mesh(mesh), pytest.raises(checkpoint.FrozenWeightsChanged, match="qformer_run"):

@@ -160,6 +160,79 @@ def test_text_path_matches_hf(checkpoints):
     np.testing.assert_allclose(text_only[valid], want[valid], atol=2e-5 * np.abs(want).max())
 
 
+@nnx.jit
+def _instructed(model, embeds, mask, instruction, instruction_mask):
+    return model(embeds, mask, instruction=instruction, instruction_mask=instruction_mask)
+
+
+def test_instruction_path_matches_hf_and_ignores_padding(checkpoints, caplog):
+    """InstructBLIP-style queries: the instruction's embeddings (here 40-d, an LLM's width) go
+    through `InstructionEmbeddings` and share HF's self-attention with the queries."""
+    path, hf = checkpoints["itm"]
+    with caplog.at_level(logging.WARNING):
+        model = qformer.from_pretrained(path, instruction_features=TEXT["hidden_size"])
+    assert "INSTRUCTION-AWARE" in caplog.text and "text_mlp" not in caplog.text  # it had one
+    embeds, _ = _images(seed=4)
+    mask = None  # HF's sdpa cross-attention cannot take an image mask together with text tokens
+    rng = np.random.default_rng(5)
+    ins = rng.normal(size=(3, 6, TEXT["hidden_size"])).astype(np.float32)
+    ins_mask = np.ones((3, 6), bool)
+    ins_mask[1, :2] = False  # left padding (LLM prompts)
+    ins_mask[2, 5:] = False  # right padding
+    got = np.asarray(_instructed(model, embeds, mask, ins, ins_mask))
+    text = np.asarray(nnx.jit(lambda m, x, k: m.instruction(x, k))(model, ins, ins_mask))
+    with torch.no_grad():
+        q = hf.query_tokens.expand(3, -1, -1)
+        full_mask = torch.cat([torch.ones(3, NUM_QUERIES, dtype=torch.long),
+                               torch.tensor(ins_mask.astype(np.int64))], 1)  # fmt: skip
+        want = hf.qformer(
+            query_embeds=torch.cat([q, torch.tensor(text)], 1),
+            query_length=NUM_QUERIES,
+            attention_mask=full_mask,
+            encoder_hidden_states=torch.tensor(embeds),
+        ).last_hidden_state.numpy()[:, :NUM_QUERIES]
+    assert got.shape == (3, NUM_QUERIES, QFORMER["hidden_size"])
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    # Positions count real tokens: padding neither shifts them nor is read.
+    alone = np.asarray(_instructed(model, embeds[1:2], None, ins[1:2, 2:], ins_mask[1:2, 2:]))
+    np.testing.assert_allclose(alone[0], got[1], atol=1e-5)
+    noisy = np.where(ins_mask[..., None], ins, 50.0).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(_instructed(model, embeds, mask, noisy, ins_mask)), got, atol=1e-5
+    )
+    # The instruction matters, and differs from the plain query path.
+    other = np.asarray(_instructed(model, embeds, mask, ins[::-1].copy(), ins_mask))
+    assert np.abs(other - got).max() > 1e-2
+    assert np.abs(got - np.asarray(_queries(model, embeds, mask))).max() > 1e-2
+    with pytest.raises(ValueError, match="positions"):
+        long = np.zeros((3, QFORMER["max_position_embeddings"] + 1, TEXT["hidden_size"]))
+        model(embeds, instruction=long.astype(np.float32))
+    with pytest.raises(ValueError, match="no instruction"):
+        qformer.from_pretrained(path)(embeds, instruction=ins)
+
+
+def test_instruction_added_to_a_generation_checkpoint(checkpoints, caplog):
+    """BLIP-2 generation checkpoints have no text FFN: it starts as a copy of the query FFN."""
+    path, hf = checkpoints["gen"]
+    with caplog.at_level(logging.WARNING):
+        model = qformer.from_pretrained(path, instruction_features=12)
+    assert "layers/0/text_mlp (copied from layers/0/mlp)" in caplog.text
+    assert model.config.use_qformer_text_input and model.config.instruction_features == 12
+    for layer in model.layers:
+        np.testing.assert_array_equal(
+            layer.text_mlp.up.kernel.get_value(), layer.mlp.up.kernel.get_value()
+        )
+        assert layer.text_mlp.up.kernel is not layer.mlp.up.kernel  # a copy, trained apart
+    embeds, _ = _images(seed=6)
+    ins = np.random.default_rng(7).normal(size=(3, 4, 12)).astype(np.float32)
+    out = np.asarray(_instructed(model, embeds, None, ins, np.ones((3, 4), bool)))
+    assert out.shape == (3, NUM_QUERIES, QFORMER["hidden_size"]) and np.isfinite(out).all()
+    state = nnx.state(model, nnx.Param)
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+    assert {"instruction/projection/kernel", "instruction/position_embeddings/embedding",
+            "layers/2/text_mlp/down/kernel"} <= paths  # fmt: skip
+
+
 def test_projection_loaded_or_reinitialised_with_a_log_line(checkpoints, caplog):
     path, hf = checkpoints["gen"]
     embeds, _ = _images(seed=3)

@@ -23,6 +23,12 @@ blip2_inputs.py):
             video in bfloat16 (5.8 MB for F = 8; ~224 GB for TikTalk's 38.7K videos; F = 4
             halves it).
 
+Instruction-aware queries (`config.model.qformer.instruction`, InstructBLIP, beyond the paper):
+the prompt's frozen LLM embeddings also enter the Q-Former (`qformer.InstructionEmbeddings`) and
+share the queries' self-attention, so what the queries fetch from the frames depends on the title
+and the context: on a question about the video the prefix can carry what it asks, on other turns
+it can stay out of the LLM's way.
+
 A video without features (missing or undecodable media) gets `visual_mask` all False: its query
 tokens are masked out of the LLM's attention and the example is trained on its prompt alone.
 
@@ -111,9 +117,22 @@ class Blip2Dialogue(nnx.Module):
     def num_queries(self) -> int:
         return self.qformer.num_queries
 
-    def visual_prefix(self, visual: Array, visual_mask: Array) -> tuple[Array, Array]:
-        """`visual: float[B, F, N, Dv]`, `visual_mask: bool[B, F]` -> `(float[B, Q, D_llm]`
-        projected query outputs, `bool[B, Q]` (False where an example has no frame))."""
+    @property
+    def instructed(self) -> bool:
+        """The queries read the prompt (InstructBLIP; `config.model.qformer.instruction`)."""
+        return self.qformer.instruction is not None
+
+    def visual_prefix(
+        self,
+        visual: Array,
+        visual_mask: Array,
+        instruction: Array | None = None,
+        instruction_mask: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """`visual: float[B, F, N, Dv]`, `visual_mask: bool[B, F]` (and for an instructed
+        Q-Former the prompt's LLM embeddings `instruction: float[B, T, D_llm]`,
+        `instruction_mask: bool[B, T]`) -> `(float[B, Q, D_llm]` projected query outputs,
+        `bool[B, Q]` (False where an example has no frame))."""
         b, f, n, dv = visual.shape
         x = visual.astype(self.qformer.layernorm.dtype or jnp.float32)
         if self.frame_positions is not None:
@@ -124,15 +143,26 @@ class Blip2Dialogue(nnx.Module):
             pos = self.frame_positions.get_value()[:f].astype(x.dtype)
             x = x + pos[None, :, None, :]
         mask = jnp.asarray(visual_mask).astype(bool)
-        queries = self.qformer(x.reshape(b, f * n, dv), jnp.repeat(mask, n, axis=1))
+        queries = self.qformer(
+            x.reshape(b, f * n, dv),
+            jnp.repeat(mask, n, axis=1),
+            instruction=instruction,
+            instruction_mask=instruction_mask,
+        )
         prefix = self.qformer.project(queries)
         valid = jnp.broadcast_to(jnp.any(mask, axis=1)[:, None], (b, self.num_queries))
         return prefix, valid
 
     def prompt_inputs(self, batch: Batch) -> tuple[Array, Array]:
         """`[prefix | prompt]` embeddings `float[B, Q + Lc, D]` and their mask `bool[B, Q + Lc]`."""
-        prefix, valid = self.visual_prefix(batch["visual"], batch["visual_mask"])
         prompt = self.llm.embed_tokens(batch["prompt_ids"])
+        instruction = {}
+        if self.instructed:  # the frozen LLM's embeddings: nothing to differentiate there
+            instruction = dict(
+                instruction=jax.lax.stop_gradient(prompt),
+                instruction_mask=jnp.asarray(batch["prompt_mask"]).astype(bool),
+            )
+        prefix, valid = self.visual_prefix(batch["visual"], batch["visual_mask"], **instruction)
         x = jnp.concatenate([prefix.astype(prompt.dtype), prompt], axis=1)
         mask = jnp.concatenate([valid, jnp.asarray(batch["prompt_mask"]).astype(bool)], axis=1)
         return x, mask
@@ -221,7 +251,8 @@ def score_responses(model: Blip2Dialogue, batch: Batch, ids: Array, mask: Array)
 def qformer_config(**overrides: Any) -> ml_collections.ConfigDict:
     """`config.model.qformer`: init_from (a local HF BLIP-2 directory; its config wins over the
     shape fields) or the shape of a random init (`QFormerConfig` fields; the cross-attention
-    width is `config.input.visual_dim`), and the dropout rates."""
+    width is `config.input.visual_dim`), the dropout rates, and `instruction` (InstructBLIP: the
+    queries also read the LLM prompt, `qformer.InstructionEmbeddings`)."""
     base = qformer.QFormerConfig()
     names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "num_query_tokens", "cross_attention_frequency", "hidden_dropout_prob",
@@ -229,6 +260,7 @@ def qformer_config(**overrides: Any) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             init_from=ml_collections.config_dict.placeholder(str),
+            instruction=False,
             **{n: getattr(base, n) for n in names},
         )
     )
@@ -271,8 +303,12 @@ def _qformer_model(config: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs
     m, q = config.model, config.model.qformer
     kw = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
     visual_dim = int(config.input.visual_dim)
+    instruction = width if q.get("instruction") else 0
     if q.get("init_from"):
-        model = qformer.from_pretrained(q.init_from, projection_features=width, rngs=rngs, **kw)
+        model = qformer.from_pretrained(
+            q.init_from, projection_features=width, instruction_features=instruction, rngs=rngs,
+            **kw,
+        )  # fmt: skip
         model.train()
         if model.config.encoder_hidden_size != visual_dim:
             raise ValueError(
@@ -282,6 +318,8 @@ def _qformer_model(config: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs
         return model
     names = {f.name for f in dataclasses.fields(qformer.QFormerConfig)}
     fields = {k: v for k, v in q.items() if k in names and v is not None}
+    if instruction:
+        fields.update(use_qformer_text_input=True, instruction_features=instruction)
     cfg = qformer.QFormerConfig(**fields, encoder_hidden_size=visual_dim)
     return qformer.QFormer(cfg, projection_features=width, rngs=rngs, **kw)
 
@@ -354,6 +392,13 @@ def adapter_from_run(model: Blip2Dialogue, config: ml_collections.ConfigDict, wo
     run = evaluate.load_config(workdir)
     if run.model.name != "blip2":
         raise ValueError(f"{workdir} is a {run.model.name!r} run, not a 'blip2' run")
+    theirs = bool(run.model.qformer.get("instruction"))
+    if theirs != model.instructed:
+        raise ValueError(
+            f"model.qformer_run={workdir} trained a Q-Former "
+            f"{'with' if theirs else 'without'} an instruction input, this config has "
+            f"{'one' if model.instructed else 'none'}: set model.qformer.instruction={theirs}"
+        )
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = checkpoint.committed_steps(directory)
     if not steps:

@@ -40,6 +40,9 @@ class QFormerConfig:
 
     `text_embeddings`: the model has word/position tables for the text path (HF keeps them at the
     top level of `Blip2ForImageTextRetrieval` as `embeddings.*`).
+    `instruction_features`: > 0 gives the queries an instruction (InstructBLIP): token embeddings
+    of that width (the LLM's) join the queries' self-attention through `InstructionEmbeddings`;
+    needs `use_qformer_text_input` (the text FFN they go through).
     """
 
     hidden_size: int = 768
@@ -59,10 +62,15 @@ class QFormerConfig:
     vocab_size: int = 30522
     max_position_embeddings: int = 512
     pad_token_id: int = 0
+    instruction_features: int = 0
 
     def __post_init__(self):
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1: {self}")
+        if self.instruction_features and not self.use_qformer_text_input:
+            raise ValueError(
+                f"an instruction needs use_qformer_text_input (its tokens use the text FFN): {self}"
+            )
         _ = self.bert  # validates the shared fields
 
     @property
@@ -215,11 +223,45 @@ class TextEmbeddings(nnx.Module):
         return self.word_embeddings(input_ids) + self.position_embeddings(positions)
 
 
+class InstructionEmbeddings(nnx.Module):
+    """The instruction's entry into the Q-Former (InstructBLIP's instruction-aware queries).
+
+    InstructBLIP tokenizes the instruction with the Q-Former's own (English BERT) vocabulary. Here
+    the instruction is the LLM's prompt, already embedded by the frozen LLM: a trained `projection`
+    `[D_llm, H]` maps those embeddings to the Q-Former's width and absolute `position_embeddings`
+    `[P, H]` are added (as HF `Blip2TextEmbeddings`). So any LLM tokenizer works (TikTalk's
+    prompts are Chinese) and no vocabulary-sized table is trained.
+    """
+
+    def __init__(self, config: QFormerConfig, *, dtype=None, param_dtype=jnp.float32, rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.projection = layers.linear(
+            config.instruction_features, config.hidden_size, axes=(None, layers.EMBED),
+            kernel_init=init, **kw,
+        )  # fmt: skip
+        self.position_embeddings = layers.embedding(
+            config.max_position_embeddings, config.hidden_size, axes=(None, layers.EMBED),
+            init=init, **kw,
+        )  # fmt: skip
+
+    def __call__(self, embeds: Array, mask: Array) -> Array:
+        """`embeds: float[B, T, D_llm]` (left or right padded), `mask: bool[B, T]` ->
+        `float[B, T, H]`; positions count the real tokens only, so padding does not shift them."""
+        t, limit = embeds.shape[1], self.position_embeddings.embedding.get_value().shape[0]
+        if t > limit:
+            raise ValueError(f"the instruction has {t} tokens, the Q-Former {limit} positions")
+        mask = jnp.asarray(mask).astype(jnp.int32)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        return self.projection(embeds) + self.position_embeddings(positions)
+
+
 class QFormer(nnx.Module):
     """Query tokens + Q-Former encoder (+ text embeddings) (+ the projection into an LLM).
 
     Parameters: `query_tokens` `[1, Q, H]`, `layernorm`, `layers/i/...` (see `QFormerLayer`),
-    `embeddings` (text path, optional), `language_projection` `[H, D_llm]` (optional).
+    `embeddings` (text path, optional), `instruction` (`InstructionEmbeddings`, optional),
+    `language_projection` `[H, D_llm]` (optional).
     """
 
     def __init__(
@@ -249,6 +291,9 @@ class QFormer(nnx.Module):
             [QFormerLayer(config, i, **kw) for i in range(config.num_hidden_layers)]
         )
         self.embeddings = TextEmbeddings(config, **kw) if config.text_embeddings else None
+        self.instruction = (
+            InstructionEmbeddings(config, **kw) if config.instruction_features else None
+        )
         self.language_projection = None
         if projection_features:
             self.set_projection(projection_features, **kw)
@@ -272,6 +317,30 @@ class QFormer(nnx.Module):
                 rngs=rngs,
             )
         )
+
+    def add_instruction(self, features: int, *, rngs: nnx.Rngs, dtype=None,
+                        param_dtype=jnp.float32) -> list[str]:  # fmt: skip
+        """Makes a loaded Q-Former instruction-aware (`QFormerConfig.instruction_features`):
+        fresh `InstructionEmbeddings` for `features`-wide token embeddings and, in layers without
+        one (BLIP-2 checkpoints made for generation drop it), a text FFN copied from the layer's
+        query FFN, the closest trained weights (InstructBLIP starts both from BLIP-2's stage 1).
+        Returns the names of what was added, for the caller's log line."""
+        added = ["instruction (fresh)"]
+        for i, layer in enumerate(self.layers):
+            if layer.text_mlp is None:
+                layer.text_mlp = nnx.data(nnx.clone(layer.mlp))
+                layer.text_mlp_norm = nnx.data(nnx.clone(layer.mlp_norm))
+                layer.text_mlp_dropout = nnx.data(
+                    nnx.Dropout(self.config.hidden_dropout_prob, rngs=rngs)
+                )
+                added.append(f"layers/{i}/text_mlp (copied from layers/{i}/mlp)")
+        self.config = dataclasses.replace(
+            self.config, use_qformer_text_input=True, instruction_features=features
+        )
+        self.instruction = nnx.data(
+            InstructionEmbeddings(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        )
+        return added
 
     def encode(
         self,
@@ -313,12 +382,30 @@ class QFormer(nnx.Module):
         *,
         input_ids: Array | None = None,
         text_mask: Array | None = None,
+        instruction: Array | None = None,
+        instruction_mask: Array | None = None,
     ) -> Array:
         """Query outputs `float[B, Q, H]` for `image_embeds: float[B, N, Dv]` (`image_mask: [B, N]`,
         1 = real token). With `input_ids: int[B, T]` (text path, `text_mask: [B, T]`) the text
-        shares the self-attention and `float[B, Q + T, H]` is returned (queries first)."""
+        shares the self-attention and `float[B, Q + T, H]` is returned (queries first). With
+        `instruction: float[B, T, D_llm]` (`instruction_mask: [B, T]`, needs `self.instruction`)
+        the instruction shares the self-attention and the query outputs `float[B, Q, H]` are
+        returned (InstructBLIP)."""
         b = image_embeds.shape[0]
         q = self.queries(b)
+        if instruction is not None:
+            if self.instruction is None:
+                raise ValueError("this Q-Former takes no instruction (instruction_features = 0)")
+            if input_ids is not None:
+                raise ValueError("give input_ids or an instruction, not both")
+            if instruction_mask is None:
+                instruction_mask = jnp.ones(instruction.shape[:2], bool)
+            text = self.instruction(instruction, instruction_mask).astype(q.dtype)
+            real = jnp.asarray(instruction_mask).astype(bool)
+            mask = jnp.concatenate([jnp.ones(q.shape[:2], bool), real], axis=1)
+            x = jnp.concatenate([q, text], axis=1)
+            out = self.encode(x, mask, image_embeds, image_mask, self.num_queries)
+            return out[:, : self.num_queries]
         if input_ids is None:
             return self.encode(q, None, image_embeds, image_mask)
         if self.embeddings is None:
@@ -385,6 +472,7 @@ def from_pretrained(
     path: str,
     *,
     projection_features: int | None = None,
+    instruction_features: int = 0,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs | None = None,
@@ -396,6 +484,8 @@ def from_pretrained(
     it differs from the checkpoint's projection (a different LLM than the one BLIP-2 was trained
     with), or the checkpoint has none, the projection is freshly initialised and a log line says
     so. Every Q-Former tensor must be used; the vision tower and LLM tensors are ignored.
+    `instruction_features` > 0 makes it instruction-aware (`QFormer.add_instruction`: BLIP-2
+    checkpoints have no instruction input; a log line names what was added).
     `rngs` seeds dropout and a fresh projection (default `nnx.Rngs(0)`). Returns eval mode.
     """
     hf = hf_import.load_config(path)
@@ -436,6 +526,14 @@ def from_pretrained(
         sd.mark_unused_ok(pattern)
     sd.check_all_used()
     hf_import.check_all_set(model, path)
+    if instruction_features:
+        added = model.add_instruction(
+            instruction_features, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+        logging.warning(
+            "BLIP-2 Q-Former made INSTRUCTION-AWARE (%s has no instruction input): %s.",
+            path, ", ".join(added),
+        )  # fmt: skip
     nnx.reseed(model, dropout=rngs.dropout())
     model.eval()
     return model
