@@ -28,6 +28,14 @@ response slots):
     qformer forward = Lq * (2 Q (4 Hq^2 + 2 Hq Iq) + 4 Q^2 Hq)
                       + Lq / c * (2 Q 2 Hq^2 + 2 (F N) 2 Dv Hq + 4 Q (F N) Hq)   # cross-attention
                       + 2 Q Hq D                                                  # projection
+
+With instruction-aware queries (`instruct=true`: the Lc prompt tokens join the self-attention,
+U = Q + Lc) the self-attention terms count U tokens, the text FFN Lc tokens in every layer but
+the last (its output feeds nothing the queries read; XLA drops it), and the instruction
+projection 2 Lc D Hq is added:
+
+    qformer forward = Lq * (8 U Hq^2 + 4 U^2 Hq) + 4 Hq Iq (Lq Q + (Lq - 1) Lc)
+                      + (cross-attention and projection as above) + 2 Lc D Hq
     llm forward     = Ll * (2 S (2 D Dq + 2 D Dkv + 3 D Il) + 4 S^2 Dq) + 2 Lr D V
     train           = 3 * qformer forward                # trainable: input and weight grads
                       + 2 * llm linear FLOPs             # frozen: forward + input grads only
@@ -172,6 +180,7 @@ class Blip2Shape:
     llm_vocab: int
     prompt: int
     response: int
+    instruction: int = 0  # prompt tokens the Q-Former reads (instruct=true), else 0
 
     @property
     def llm_tokens(self) -> int:
@@ -183,7 +192,10 @@ def blip2_flops(s: Blip2Shape) -> dict[str, float]:
     q, hq = s.queries, s.q_hidden
     n = s.visual_tokens * s.visual_frames
     cross_layers = s.q_layers // s.cross_every
-    qformer = s.q_layers * (2 * q * (4 * hq * hq + 2 * hq * s.q_intermediate) + 4 * q * q * hq)
+    u, t_ins = q + s.instruction, s.instruction
+    qformer = s.q_layers * (8 * u * hq * hq + 4 * u * u * hq)
+    qformer += 4 * hq * s.q_intermediate * (s.q_layers * q + (s.q_layers - 1) * t_ins)
+    qformer += 2 * t_ins * s.llm_hidden * hq
     qformer += cross_layers * (2 * q * 2 * hq * hq + 2 * n * 2 * s.visual_dim * hq + 4 * q * n * hq)
     qformer += 2 * q * hq * s.llm_hidden
     d, t = s.llm_hidden, s.llm_tokens

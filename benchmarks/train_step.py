@@ -172,15 +172,16 @@ def maria_batch(shape: flops.MariaShape, batch: int, seed: int = 0) -> dict[str,
     return out
 
 
-def blip2_config(size: str, batch: int, vocab_file: str, remat: str):
-    """configs/blip2.py (video variant), the LLM of `size` (tiny | 0.5b | 1.5b | 7b), one device."""
+def blip2_config(size: str, batch: int, vocab_file: str, remat: str, instruct: bool = False):
+    """configs/blip2.py (video variant), the LLM of `size` (tiny | 0.5b | 1.5b | 7b), one device;
+    `instruct`: instruction-aware queries."""
     from configs import blip2 as blip2_config_lib
 
     names = {"tiny": "tiny", "0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "7b": "qwen2.5-7b"}
     if size not in names:
         raise ValueError(f"blip2 sizes: {sorted(names)}")
     # Registered here for the benchmark only (the configs know 0.5B and 7B).
-    config = blip2_config_lib.get_config(f"variant=video,size={names[size]}")
+    config = blip2_config_lib.get_config(f"variant=video,size={names[size]},instruct={instruct}")
     config.input.tokenizer = vocab_file
     config.input.batch_size = batch
     if remat != "auto":
@@ -232,6 +233,7 @@ def blip2_shape(model, config) -> flops.Blip2Shape:
         llm_vocab=lc.vocab_size,
         prompt=int(inp.max_context_len),
         response=int(inp.max_response_len),
+        instruction=int(inp.max_context_len) if model.instructed else 0,
     )
 
 
@@ -481,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data_workdir", default=None, help="demo layout for --data=pipeline|both")
     p.add_argument("--torch_threads", type=int, default=0, help="0: the CPU count")
     p.add_argument("--llm_remat", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--instruct", action="store_true", help="blip2: instruction-aware queries")
     p.add_argument("--json_out", default=None)
     args = p.parse_args(argv)
     cpu = jax.devices()[0].platform == "cpu"
@@ -535,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             vocab_size = 1000 if args.size == "tiny" else 21128
             vocab_file = write_vocab(tmp, vocab_size)
-            config = blip2_config(args.size, args.batch, vocab_file, args.llm_remat)
+            config = blip2_config(args.size, args.batch, vocab_file, args.llm_remat, args.instruct)
             host_batch = blip2_batch(config, args.batch, vocab_size)
             mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
             step = JaxStep(config, mesh, host_batch)

@@ -85,6 +85,40 @@ def test_flop_counts():
     )
 
 
+@pytest.mark.parametrize("instruction", [0, 48])
+def test_qformer_flop_formula_matches_xla(instruction):
+    """The Q-Former term of the BLIP-2 FLOP formula against XLA's own count of the compiled
+    forward (which also counts norms, softmax and GELU: a few percent at these widths)."""
+    from tiktalk_jax.models import qformer
+
+    q, hq, iq, layers, n, dv, d = 8, 128, 512, 4, 64, 96, 80
+    cfg = qformer.QFormerConfig(
+        hidden_size=hq, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=iq,
+        num_query_tokens=q, encoder_hidden_size=dv, use_qformer_text_input=bool(instruction),
+        instruction_features=d if instruction else 0,
+    )  # fmt: skip
+    model = qformer.QFormer(cfg, projection_features=d, rngs=nnx.Rngs(0))
+    model.eval()
+    image = jnp.ones((1, n, dv))
+    kw = dict(instruction=jnp.ones((1, instruction, d))) if instruction else {}
+    graphdef, state = nnx.split(model)
+
+    def forward(state, image):
+        m = nnx.merge(graphdef, state)
+        return m.project(m(image, **kw))
+
+    xla = jax.jit(forward).lower(state, image).compile().cost_analysis()
+    xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
+    shape = flops.Blip2Shape(
+        q_hidden=hq, q_layers=layers, q_intermediate=iq, queries=q, cross_every=2,
+        visual_tokens=n, visual_frames=1, visual_dim=dv, llm_hidden=d, llm_layers=1,
+        llm_intermediate=1, llm_heads=1, llm_kv_heads=1, llm_head_dim=1, llm_vocab=1, prompt=1,
+        response=1, instruction=instruction,
+    )  # fmt: skip
+    formula = flops.blip2_flops(shape)["qformer"]
+    assert formula <= xla <= 1.1 * formula, (formula, xla)
+
+
 def test_train_step_maria_json_and_markdown(tmp_path):
     out = tmp_path / "maria.json"
     result = train_step.main(
@@ -118,6 +152,11 @@ def test_train_step_blip2_tiny():
     assert _finite_positive(r["examples_per_s"]) and _finite_positive(r["flops_per_step"])
     shape = result["blip2_shape"]
     assert result["tokens_per_example"] == shape["queries"] + shape["prompt"] + shape["response"]
+    assert shape["instruction"] == 0
+    instructed = train_step.main(["--model=blip2", "--size=tiny", "--batch=2", "--steps=2",
+                                  "--warmup=0", "--instruct"])  # fmt: skip
+    assert instructed["blip2_shape"]["instruction"] == shape["prompt"]
+    assert instructed["results"][0]["flops_per_step"] > r["flops_per_step"]
 
 
 def test_decode_step_tiny():

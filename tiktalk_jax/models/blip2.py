@@ -156,15 +156,14 @@ class Blip2Dialogue(nnx.Module):
     def prompt_inputs(self, batch: Batch) -> tuple[Array, Array]:
         """`[prefix | prompt]` embeddings `float[B, Q + Lc, D]` and their mask `bool[B, Q + Lc]`."""
         prompt = self.llm.embed_tokens(batch["prompt_ids"])
+        prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
         instruction = {}
         if self.instructed:  # the frozen LLM's embeddings: nothing to differentiate there
-            instruction = dict(
-                instruction=jax.lax.stop_gradient(prompt),
-                instruction_mask=jnp.asarray(batch["prompt_mask"]).astype(bool),
-            )
+            instruction = dict(instruction=jax.lax.stop_gradient(prompt),
+                               instruction_mask=prompt_mask)  # fmt: skip
         prefix, valid = self.visual_prefix(batch["visual"], batch["visual_mask"], **instruction)
         x = jnp.concatenate([prefix.astype(prompt.dtype), prompt], axis=1)
-        mask = jnp.concatenate([valid, jnp.asarray(batch["prompt_mask"]).astype(bool)], axis=1)
+        mask = jnp.concatenate([valid, prompt_mask], axis=1)
         return x, mask
 
     def response_logits(self, batch: Batch) -> Array:

@@ -210,17 +210,11 @@ class GPT2(nnx.Module):
             valid = jnp.asarray(attention_mask).astype(bool)
             mask = layers.combine_masks(mask, layers.padding_mask(valid))
             if position_ids is None:
-                position_ids = positions_from_mask(valid)
+                position_ids = layers.positions_from_mask(valid)
         if position_ids is None:
             position_ids = jnp.arange(t)[None, :]
         x = self.embed(input_ids, position_ids, token_type_ids)
         return self.logits(self.decode(x, mask)[0])
-
-
-def positions_from_mask(valid: Array) -> Array:
-    """`bool[B, T]` -> `int32[B, T]`: the number of real tokens before each slot (padding
-    slots get their neighbour's position; they are never attended)."""
-    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +317,7 @@ def dialogue_inputs(batch: Batch) -> tuple[Array, Array, Array]:
     valid = jnp.concatenate(
         [batch["context_mask"].astype(bool), batch["response_mask"].astype(bool)], axis=1
     )
-    return ids, valid, positions_from_mask(valid)
+    return ids, valid, layers.positions_from_mask(valid)
 
 
 def loss_fn(model: GPT2, batch: Batch, rngs: nnx.Rngs | Array | None = None):
@@ -396,7 +390,7 @@ def prefill(model: GPT2, batch: Batch, extra_slots: int) -> DecodeState:
         raise ValueError(
             f"{s} context + decoding slots exceed {model.config.n_positions} positions"
         )
-    x = model.embed(ctx, positions_from_mask(valid))
+    x = model.embed(ctx, layers.positions_from_mask(valid))
     caches = model.init_caches(b, s, x.dtype)  # the compute dtype
     key_valid = jnp.concatenate([valid, jnp.ones((b, extra_slots), bool)], axis=1)
     mask = layers.combine_masks(layers.causal_mask(lc, s), key_valid[:, None, None, :])
@@ -446,7 +440,7 @@ def uncached_step(model: GPT2, batch: Batch, tokens: Array, cur_len: Array):
     if ids.shape[1] > model.config.n_positions:
         raise ValueError(f"{ids.shape[1]} tokens exceed {model.config.n_positions} positions")
     mask = layers.combine_masks(layers.causal_mask(ids.shape[1]), layers.padding_mask(valid))
-    hidden, _ = model.decode(model.embed(ids, positions_from_mask(valid)), mask)
+    hidden, _ = model.decode(model.embed(ids, layers.positions_from_mask(valid)), mask)
     h = jax.lax.dynamic_index_in_dim(hidden, lc + cur_len - 1, axis=1, keepdims=False)
     return model.logits(h), batch
 

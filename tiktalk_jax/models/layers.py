@@ -263,6 +263,12 @@ def padding_mask(valid: Array, num_queries: int | None = None) -> Array:
     return jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, tq, valid.shape[-1]))
 
 
+def positions_from_mask(valid: Array) -> Array:
+    """`bool[B, T]` -> `int32[B, T]`: the number of real tokens before each slot, so left or right
+    padding shifts no position (padding slots get their neighbour's; they are never attended)."""
+    return jnp.maximum(jnp.cumsum(jnp.asarray(valid).astype(jnp.int32), axis=1) - 1, 0)
+
+
 def causal_mask(num_queries: int, num_keys: int | None = None, offset: int | Array = 0) -> Array:
     """`bool[1, 1, Tq, Tk]`: query i (at absolute position i + offset) sees keys j <= i + offset."""
     num_keys = num_queries if num_keys is None else num_keys

@@ -308,7 +308,7 @@ class Llm(nnx.Module):
         )
         if cache is None:
             if positions is None:
-                positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+                positions = layers.positions_from_mask(valid)
             mask = layers.causal_mask(t) & valid[:, None, None, :]
             for layer in self.layers:
                 if self.config.remat:

@@ -6,7 +6,8 @@ queries attend to the frozen image encoder's tokens (keys/values projected from 
 1408 for EVA ViT-g); the queries then go through their own FFN (`intermediate_query` /
 `output_query`). Text tokens, when given (BLIP-2's image-text matching path; only checkpoints
 with `use_qformer_text_input`), share the self-attention with the queries, skip the
-cross-attention and use the second FFN (`intermediate` / `output`). A LayerNorm + dropout is
+cross-attention and use the second FFN (`intermediate` / `output`); an instruction (InstructBLIP:
+LLM token embeddings through `InstructionEmbeddings`) takes the same path. A LayerNorm + dropout is
 applied to the queries (and text embeddings) before the first layer.
 
     qf = qformer.from_pretrained("/ckpt/blip2-opt-2.7b", projection_features=896)
@@ -251,8 +252,7 @@ class InstructionEmbeddings(nnx.Module):
         t, limit = embeds.shape[1], self.position_embeddings.embedding.get_value().shape[0]
         if t > limit:
             raise ValueError(f"the instruction has {t} tokens, the Q-Former {limit} positions")
-        mask = jnp.asarray(mask).astype(jnp.int32)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        positions = layers.positions_from_mask(mask)
         return self.projection(embeds) + self.position_embeddings(positions)
 
 
