@@ -2,7 +2,7 @@ r"""BLIP-2 on the bundled sample: do the visual variants beat the text-only LLM 
 need vision? Writes docs/blip2_vision.md's tables.
 
     python benchmarks/blip2_vision.py --workdir=/tmp/blip2_vision [--variants=img,video,temporal]
-        [--llm_steps=N] [--steps=N] [--out=docs/blip2_vision.md] [--probe]
+        [--llm_steps=N] [--steps=N] [--seeds=0,1,2 --splits=test,val] [--out=FILE] [--probe]
 
 Steps (each reused when --workdir already has its output):
   1. the sample prepared as `make demo` does (`main.prepare_sample`: release, TFDS build, vocab);
@@ -14,6 +14,11 @@ Steps (each reused when --workdir already has its output):
      (llm_run), --steps steps each -> WORKDIR/runs/blip2_<variant>;
   5. every run's final model evaluated on test (per-kind scores from raw/sample_kinds.json);
      a markdown table per reply kind (vision / audio / knowledge / text).
+
+--seeds=0,1,2 trains every variant once per seed (caption stage included) and adds a summary
+over seeds; --splits=test,val evaluates the summary on both held-out splits (n = 14 vision
+replies each): a seed's value is its mean over the splits, a variant's the mean and standard
+deviation over seeds, with the same control (another video's frames) and colour counts.
 
 --probe adds the measurements of docs/blip2_vision.md: least-squares probes of colour and shape
 on the ViT tokens (train videos -> held-out val + test videos), and how much the trained
@@ -394,10 +399,23 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     return f"{right}/{total}"
 
 
-def shuffled_video_scores(run_dir: str) -> dict:
-    """The run's final model evaluated on test with every dialogue given the frames of ANOTHER
-    video (the next example of its eval batch with a different video id): if the gains over
-    the text LLM come from reading the video, they vanish here. Evaluates a copy of the run."""
+def split_scores(run_dir: str, split: str) -> dict:
+    """The run's final model's scores on `split` (evaluated once, then read from its file)."""
+    from tiktalk_jax import evaluate
+
+    config = evaluate.load_config(run_dir)
+    path = evaluate.scores_path(run_dir, split, int(config.total_steps))
+    if not os.path.isfile(path):
+        evaluate.evaluate(config, run_dir, split=split, skip_meteor=True)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def shuffled_video_scores(run_dir: str, split: str = "test") -> dict:
+    """The run's final model evaluated on `split` with every dialogue given the frames of
+    ANOTHER video (the next example of its eval batch with a different video id): if the gains
+    over the text LLM come from reading the video, they vanish here. Evaluates a copy of the
+    run (once: later calls read its scores file)."""
     import shutil
 
     from tiktalk_jax import evaluate
@@ -408,6 +426,10 @@ def shuffled_video_scores(run_dir: str) -> dict:
     if not os.path.isdir(copy):
         shutil.copytree(os.path.join(run_dir, "checkpoints"), os.path.join(copy, "checkpoints"))
         shutil.copy(os.path.join(run_dir, "config.json"), copy)
+    done = evaluate.scores_path(copy, split, int(evaluate.load_config(copy).total_steps))
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            return json.load(f)
     original = blip2_inputs.Blip2Formatter.__call__
 
     def other_videos(self, records):
@@ -422,10 +444,72 @@ def shuffled_video_scores(run_dir: str) -> dict:
     blip2_inputs.Blip2Formatter.__call__ = other_videos
     try:
         config = evaluate.load_config(copy)
-        (result,) = evaluate.evaluate(config, copy, split="test", skip_meteor=True)
+        (result,) = evaluate.evaluate(config, copy, split=split, skip_meteor=True)
     finally:
         blip2_inputs.Blip2Formatter.__call__ = original
     return result.scores
+
+
+def seed_measurements(run_dir: str, splits: list[str], *, visual: bool = True) -> dict:
+    """What the multi-seed summary reads from one run, per split: the vision replies' metrics
+    with the run's own frames and (`visual`) another video's, the text replies' CIDEr and the
+    colour chosen right (with and without frames)."""
+    out = {}
+    for split in splits:
+        s = split_scores(run_dir, split)
+        m = {"own": {k: s["per_kind"]["vision"][k] for k in METRICS},
+             "text_cider": s["per_kind"]["text"]["cider"],
+             "colour": colour_choice(run_dir, split)}  # fmt: skip
+        if visual:
+            other = shuffled_video_scores(run_dir, split)
+            m["another"] = {k: other["per_kind"]["vision"][k] for k in METRICS}
+            m["colour_blind"] = colour_choice(run_dir, split, blind=True)
+        out[split] = m
+    return out
+
+
+def _ratio_sum(values: list[str]) -> str:
+    pairs = [tuple(int(x) for x in v.split("/")) for v in values]
+    return f"{sum(p[0] for p in pairs)}/{sum(p[1] for p in pairs)}"
+
+
+def seed_summary(llm: dict, runs: dict[str, dict[int, dict]]) -> str:
+    """Markdown tables over seeds. `llm`: the text LLM's `seed_measurements` (`visual=False`);
+    `runs[variant][seed]`: each BLIP-2 run's. A seed's value of a metric is its mean over the
+    splits; a variant's cell is the mean over its seeds and their standard deviation, and the
+    last column counts the seeds whose value beats the text LLM's (higher, or lower for
+    MeanRank)."""
+    splits = list(llm)
+
+    def per_seed(m: dict, key: str, metric: str) -> float:
+        return float(np.mean([m[split][key][metric] for split in splits]))
+
+    base = {k: per_seed(llm, "own", k) for k in METRICS}
+    head = "| run | frames | seeds | " + " | ".join(METRICS.values())
+    lines = [head + " | seeds beating the text LLM |", "|---" * (len(METRICS) + 4) + "|"]
+    lines.append("| LLM (text) | - | - | " + " | ".join(f"{base[k]:.1f}" for k in METRICS)
+                 + " | - |")  # fmt: skip
+    for variant, seeds in runs.items():
+        for key, label in (("own", "own"), ("another", "another video")):
+            cells, wins = [], []
+            for k in METRICS:
+                values = np.array([per_seed(m, key, k) for m in seeds.values()])
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+                better = values < base[k] if k == "mean_rank" else values > base[k]
+                wins.append(f"{int(better.sum())}/{len(values)}")
+            lines.append(f"| BLIP-2 {variant} | {label} | {len(seeds)} | " + " | ".join(cells)
+                         + f" | {' / '.join(wins)} |")  # fmt: skip
+    colour = ["", "| run | colour right, own frames | without frames | text replies' CIDEr |",
+              "|---|---|---|---|",
+              f"| LLM (text) | {_ratio_sum([llm[s]['colour'] for s in splits])} | - | "
+              f"{np.mean([llm[s]['text_cider'] for s in splits]):.1f} |"]  # fmt: skip
+    for variant, seeds in runs.items():
+        ms = list(seeds.values())
+        own = _ratio_sum([m[s]["colour"] for m in ms for s in splits])
+        blind = _ratio_sum([m[s]["colour_blind"] for m in ms for s in splits])
+        cider = np.mean([m[s]["text_cider"] for m in ms for s in splits])
+        colour.append(f"| BLIP-2 {variant} ({len(ms)} seeds) | {own} | {blind} | {cider:.1f} |")
+    return "\n".join(lines + colour)
 
 
 def caption_colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
@@ -563,7 +647,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="dialogue stage on these kinds only, e.g. vision")  # fmt: skip
     p.add_argument("--caption_mix", type=int, default=0,
                    help="dialogue stage: add every train caption record N times")  # fmt: skip
-    p.add_argument("--seed", type=int, default=None, help="the BLIP-2 runs' seed (config's: 0)")
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="the BLIP-2 runs' seeds, e.g. 0,1,2 (seed s > 0: run directories end "
+        "in _seed<s>); with several, a summary over seeds",
+    )
+    p.add_argument("--splits", default="test",
+                   help="the multi-seed summary's evaluation splits, e.g. test,val")  # fmt: skip
     p.add_argument("--instruct", action="store_true",
                    help="instruction-aware queries (InstructBLIP) in both stages")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the BLIP-2 runs' directories")
@@ -589,29 +680,40 @@ def main(argv: list[str] | None = None) -> None:
     scores = {"LLM (text)": run(llm_config(data_dir, kinds, args.llm_steps), llm_run)}
     dirs = {"LLM (text)": llm_run}
     caption_dirs = {}
-    settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout,
-                    caption_mix=args.caption_mix or None, mix_captions=captions,
-                    seed=args.seed, instruct=args.instruct or None)  # fmt: skip
-    for variant in args.variants.split(","):
-        qformer_run = None
-        if args.caption_steps:
-            seed = f"_seed{args.seed}" if args.seed is not None else ""
-            seed += "_instruct" if args.instruct else ""
-            qformer_run = os.path.join(runs, f"blip2_{variant}_caption{args.caption_steps}{seed}")
-            caption = blip2_config(variant, data_dir, kinds, llm_run, args.caption_steps,
-                                   captions=captions, seed=args.seed,
-                                   instruct=args.instruct)  # fmt: skip
-            run(caption, qformer_run)
-            caption_dirs[variant] = qformer_run
-        config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,
-                              qformer_run=qformer_run, **settings)  # fmt: skip
-        name = f"BLIP-2 {variant}" + (" (caption stage)" if qformer_run else "")
-        dirs[name] = os.path.join(runs, f"blip2_{variant}{'_cap' if qformer_run else ''}{args.tag}")
-        scores[name] = run(config, dirs[name], args.train_kinds)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    by_seed: dict[str, dict[int, str]] = {}  # variant -> seed -> dialogue run
+    for seed in seeds:
+        suffix = f"_seed{seed}" if seed else ""  # seed 0: the config's, no suffix
+        settings = dict(lr=args.lr, batch=args.batch, dropout=args.dropout,
+                        caption_mix=args.caption_mix or None, mix_captions=captions,
+                        seed=seed or None, instruct=args.instruct or None)  # fmt: skip
+        for variant in args.variants.split(","):
+            qformer_run = None
+            if args.caption_steps:
+                tail = suffix + ("_instruct" if args.instruct else "")
+                qformer_run = os.path.join(
+                    runs, f"blip2_{variant}_caption{args.caption_steps}{tail}"
+                )
+                caption = blip2_config(variant, data_dir, kinds, llm_run, args.caption_steps,
+                                       captions=captions, seed=seed or None,
+                                       instruct=args.instruct)  # fmt: skip
+                run(caption, qformer_run)
+            config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,
+                                  qformer_run=qformer_run, **settings)  # fmt: skip
+            cap = "_cap" if qformer_run else ""
+            run_dir = os.path.join(runs, f"blip2_{variant}{cap}{args.tag}{suffix}")
+            score = run(config, run_dir, args.train_kinds)
+            by_seed.setdefault(variant, {})[seed] = run_dir
+            if seed == seeds[0]:  # the single-seed tables below: the first seed's runs
+                name = f"BLIP-2 {variant}" + (" (caption stage)" if qformer_run else "")
+                dirs[name], scores[name] = run_dir, score
+                if qformer_run:
+                    caption_dirs[variant] = qformer_run
     text = table(scores)
     text = (
         f"LLM {args.llm_steps} steps, caption stage {args.caption_steps} steps, dialogue stage "
         f"{args.steps} steps {json.dumps({k: v for k, v in settings.items() if v is not None})}"
+        f"{' (tables of seed ' + str(seeds[0]) + ')' if len(seeds) > 1 else ''}"
         f"{' on ' + args.train_kinds + ' dialogues' if args.train_kinds else ''} "
         f"({time.perf_counter() - start:.0f} s in all)\n\n{text}\n"
     )
@@ -650,6 +752,15 @@ def main(argv: list[str] | None = None) -> None:
                 text += f"\n{name} prefix: " + json.dumps(prefix_probe(rd), ensure_ascii=False)
         oracle = soft_prompt_oracle(rd)
         text += "\n\nFree per-colour prefix through the frozen LLM: " + json.dumps(oracle) + "\n"
+    if len(seeds) > 1 or args.splits != "test":
+        splits = args.splits.split(",")
+        measured = {v: {seed: seed_measurements(rd, splits) for seed, rd in rds.items()}
+                    for v, rds in by_seed.items()}  # fmt: skip
+        text += (
+            f"\nOver seeds {args.seeds}, vision replies of {' + '.join(splits)} (a seed's "
+            "value: the mean over the splits; mean ± standard deviation over seeds)\n\n"
+        )
+        text += seed_summary(seed_measurements(llm_run, splits, visual=False), measured) + "\n"
     with open(os.path.join(args.workdir, "blip2_vision.md"), "w", encoding="utf-8") as f:
         f.write(text)
     if args.out:

@@ -170,3 +170,42 @@ def test_decode_step_tiny():
         "jax_cached_over_jax_recompute",
     }
     assert len(result["markdown"].splitlines()) == 3
+
+
+def _measured(vision: dict, colour: str, text_cider: float = 50.0, another=None, blind=None):
+    m = {"own": vision, "text_cider": text_cider, "colour": colour}
+    if another is not None:
+        m.update(another=another, colour_blind=blind)
+    return m
+
+
+def test_blip2_vision_seed_summary():
+    """The multi-seed table of benchmarks/blip2_vision.py: a seed's value is its mean over the
+    splits, a cell the mean ± std over seeds, and the win count compares each seed with the
+    text LLM (lower is better for MeanRank only); colour counts are summed."""
+    import blip2_vision
+
+    def v(b, c, r, mr):
+        return {"bleu2": b, "cider": c, "recall@1": r, "mean_rank": mr}
+
+    llm = {"test": _measured(v(20, 100, 20, 4), "2/9", 250.0),
+           "val": _measured(v(22, 100, 30, 4), "3/9", 240.0)}  # fmt: skip
+    other = v(0, 0, 0, 9)
+    seeds = {
+        0: {"test": _measured(v(24, 110, 30, 2), "5/9", 100.0, other, "2/9"),
+            "val": _measured(v(22, 90, 30, 3), "4/9", 120.0, other, "1/9")},
+        1: {"test": _measured(v(18, 100, 10, 5), "1/9", 80.0, other, "3/9"),
+            "val": _measured(v(20, 100, 20, 5), "2/9", 100.0, other, "2/9")},
+    }  # fmt: skip
+    text = blip2_vision.seed_summary(llm, {"video": seeds})
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+            for line in text.splitlines() if line.startswith("| ")}  # fmt: skip
+    # The LLM: (20+22)/2, 100, (20+30)/2, 4. Seed 0: 23, 100, 30, 2.5; seed 1: 19, 100, 15, 5.
+    assert rows[("LLM (text)", "-")].split("|")[4:8] == [" 21.0 ", " 100.0 ", " 25.0 ", " 4.0 "]
+    own = [c.strip() for c in rows[("BLIP-2 video", "own")].strip("|").split("|")]
+    assert own[2:] == ["2", "21.0 ± 2.0", "100.0 ± 0.0", "22.5 ± 7.5", "3.8 ± 1.2",
+                       "1/2 / 0/2 / 1/2 / 1/2"]  # fmt: skip
+    assert rows[("BLIP-2 video", "another video")].endswith("| 0/2 / 0/2 / 0/2 / 0/2 |")
+    # Colour: LLM 2+3 of 18; BLIP-2 5+4+1+2 of 36, blind 2+1+3+2; text CIDEr means.
+    assert "| LLM (text) | 5/18 | - | 245.0 |" in text
+    assert "| BLIP-2 video (2 seeds) | 12/36 | 8/36 | 100.0 |" in text
