@@ -710,12 +710,14 @@ def main(argv: list[str] | None = None) -> None:
                 if qformer_run:
                     caption_dirs[variant] = qformer_run
     text = table(scores)
+    shown = {k: v for k, v in settings.items() if v is not None and k != "seed"}
     text = (
         f"LLM {args.llm_steps} steps, caption stage {args.caption_steps} steps, dialogue stage "
-        f"{args.steps} steps {json.dumps({k: v for k, v in settings.items() if v is not None})}"
+        f"{args.steps} steps {json.dumps({**shown, 'seeds': seeds})}"
         f"{' (tables of seed ' + str(seeds[0]) + ')' if len(seeds) > 1 else ''}"
         f"{' on ' + args.train_kinds + ' dialogues' if args.train_kinds else ''} "
-        f"({time.perf_counter() - start:.0f} s in all)\n\n{text}\n"
+        f"(training and evaluation {time.perf_counter() - start:.0f} s; runs already in "
+        "--workdir are reused)\n\n{text}\n"
     )
     text += "\nColour chosen right on the vision dialogues (reference with each colour word, by "
     text += "likelihood; chance 25%)\n\n| run | train | test | test without frames |\n"
