@@ -405,8 +405,9 @@ def split_scores(run_dir: str, split: str) -> dict:
 
     config = evaluate.load_config(run_dir)
     path = evaluate.scores_path(run_dir, split, int(config.total_steps))
-    if not os.path.isfile(path):
-        evaluate.evaluate(config, run_dir, split=split, skip_meteor=True)
+    if not os.path.isfile(path):  # the latest checkpoint (a stopped run's may not be the last)
+        (result,) = evaluate.evaluate(config, run_dir, split=split, skip_meteor=True)
+        return result.scores
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
