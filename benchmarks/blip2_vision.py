@@ -9,7 +9,10 @@ Steps (each reused when --workdir already has its output):
   2. vit_g features from the tiny RANDOM-INIT ViT (`SAMPLE_VIT`) with per-frame tokens of 4 frames
      (`--frame_tokens=4`), into DATA/features/vit_g (where configs/blip2.py looks);
   3. the text-only LLM baseline: configs/llm_text.py:size=tiny,lora=false (full fine-tuning of
-     the tiny random-init decoder), --llm_steps steps -> WORKDIR/runs/llm_text;
+     the tiny random-init decoder), --llm_steps steps -> WORKDIR/runs/llm_text; with
+     --llm=reading, size=small trained on the dialogues plus `caption_copies` (2,000 steps) ->
+     WORKDIR/runs/llm_reading, a frozen LLM that reads a caption written in its prompt, as the
+     paper's pre-trained one does (the BLIP-2 runs' directories then end in _reading);
   4. BLIP-2 img / video / temporal (configs/blip2.py:size=tiny) on that run's LLM, frozen
      (llm_run), --steps steps each -> WORKDIR/runs/blip2_<variant>;
   5. every run's final model evaluated on test (per-kind scores from raw/sample_kinds.json);
@@ -46,6 +49,7 @@ FRAME_TOKENS = 4  # the sample's 4 s videos at 1 fps: every frame
 # The tiny random-init ViT of the CPU smoke run (configs/blip2.py's docstring): 64-d, 2 layers.
 SAMPLE_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 LLM_STEPS = 600
+READING_STEPS = 2000  # the small LLM's: it reads captions after ~2,000 (docs/blip2_vision.md)
 BLIP2_STEPS = 300
 CAPTION_STEPS = 2000  # configs/blip2.py's tiny caption stage
 
@@ -86,12 +90,49 @@ def _schedule(config, steps: int) -> None:
     config.eval.skip_meteor = True  # not in the tables; needs Java
 
 
-def llm_config(data_dir: str, kinds: str, steps: int):
+def llm_config(data_dir: str, kinds: str, steps: int, size: str = "tiny"):
     from configs import llm_text
 
-    config = llm_text.get_config(f"size=tiny,lora=false,data_dir={data_dir},kinds_file={kinds}")
+    arg = f"size={size},lora=false,data_dir={data_dir},kinds_file={kinds}"
+    config = llm_text.get_config(arg)
     _schedule(config, steps)
     return config
+
+
+def caption_copies(records: list[dict], attrs: dict[str, dict]) -> list[dict]:
+    """Counterfactual caption copies that teach a text LLM to read its prompt. For every train
+    dialogue whose video has known attributes (`video_attributes`; bad videos skipped), a copy
+    whose title starts with the caption of a RANDOM colour and shape ("一个<c>的<s>，" + title)
+    and whose context and replies have the video's colour and shape words replaced by those:
+    only the title tells the copy's colour, so reading it pays, while the original dialogues
+    (no caption) leave the LLM blind to the true colour, as a text-only baseline must be. The
+    draw is seeded by the dialogue id (the same copies in any order or process)."""
+    import random
+
+    from tiktalk_jax import sample
+    from tiktalk_jax.input_pipeline import as_text
+
+    colours, shapes = [w for w, _ in sample.COLOURS.values()], list(sample.SHAPES.values())
+    out = []
+    for record in records:
+        a = attrs.get(as_text(record["video_id"]))
+        if a is None or a.get("bad"):
+            continue
+        dialogue_id = as_text(record["dialogue_id"])
+        rng = random.Random(dialogue_id)
+        old = (sample.COLOURS[a["colour"]][0], sample.SHAPES[a["shape"]])
+        new = (rng.choice(colours), rng.choice(shapes))
+
+        def swap(text, old=old, new=new):  # via placeholders: a new word may be an old one
+            text = as_text(text).replace(old[0], "\0").replace(old[1], "\1")
+            return text.replace("\0", new[0]).replace("\1", new[1])
+
+        caption = sample.CAPTION_TEMPLATES[0].format(c=new[0], s=new[1])
+        out.append(dict(record, dialogue_id=dialogue_id + "#cap",
+                        title=caption + "，" + as_text(record["title"]),
+                        context=[swap(t) for t in record["context"]],
+                        responses=[swap(t) for t in record["responses"]]))  # fmt: skip
+    return out
 
 
 def blip2_config(
@@ -134,9 +175,12 @@ def blip2_config(
     return config
 
 
-def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
+def run(
+    config, run_dir: str, train_kinds: str | None = None, extra_train: list | None = None
+) -> dict:
     """Trains and evaluates `config` in `run_dir`; a run with its final scores is reused.
-    `train_kinds` (e.g. "vision"): train on the dialogues of those kinds only (an ablation)."""
+    `train_kinds` (e.g. "vision"): train on the dialogues of those kinds only (an ablation);
+    `extra_train`: records trained on after the train split's (e.g. `caption_copies`)."""
     from tiktalk_jax import evaluate, input_pipeline
     from tiktalk_jax.models import registry
 
@@ -146,14 +190,21 @@ def run(config, run_dir: str, train_kinds: str | None = None) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     datasets = None
-    if train_kinds:
-        with open(config.eval.kinds_file, encoding="utf-8") as f:
-            kinds = json.load(f)
+    if train_kinds or extra_train:
         src = input_pipeline.open_split(input_pipeline.dataset_dir(config.input.data_dir), "train")
-        wanted = train_kinds.split(",")
-        keep = [dict(r) for r in (src[i] for i in range(len(src)))
-                if kinds.get(input_pipeline.as_text(r["dialogue_id"])) in wanted]  # fmt: skip
+        keep = [dict(src[i]) for i in range(len(src))]
+        if train_kinds:
+            with open(config.eval.kinds_file, encoding="utf-8") as f:
+                kinds = json.load(f)
+            wanted = train_kinds.split(",")
+            keep = [
+                r for r in keep if kinds.get(input_pipeline.as_text(r["dialogue_id"])) in wanted
+            ]
+        keep += extra_train or []
         inputs = registry.get(config.model.name).data_inputs(config)
+        if (inputs["sources"] or {}).get("train") is not None:  # e.g. BLIP-2's caption mix
+            raise ValueError(f"{config.model.name} builds its own train source: no train_kinds "
+                             "or extra_train with it")  # fmt: skip
         datasets = input_pipeline.make_datasets(
             config, side_tables=inputs["side_tables"], sources={"train": keep}
         )
@@ -314,9 +365,13 @@ class _Run:
             config.model.name, config.input, self.tokenizer, train=True
         )
 
-    def records(self, kind: str) -> list[dict]:
+    def records(self, kind: str, caption_title: bool = False) -> list[dict]:
+        """The split's dialogues of `kind`; `caption_title`: the video's true caption written
+        before the title, as `caption_copies` write theirs."""
+        from tiktalk_jax import sample
         from tiktalk_jax.input_pipeline import as_text
 
+        attrs = video_attributes() if caption_title else {}
         out = []
         for i in range(len(self.source)):
             record = dict(self.source[i])
@@ -324,6 +379,12 @@ class _Run:
                 continue
             for t in self.side:
                 record[t.name] = t.source[t.index()[as_text(record[t.dialogue_field])]]
+            a = attrs.get(as_text(record["video_id"]))
+            if a and not a.get("bad"):
+                caption = sample.CAPTION_TEMPLATES[0].format(
+                    c=sample.COLOURS[a["colour"]][0], s=sample.SHAPES[a["shape"]]
+                )
+                record["title"] = caption + "，" + as_text(record["title"])
             out.append(record)
         return out
 
@@ -363,10 +424,13 @@ def kind_losses(run_dir: str, split: str, *, blind: bool = False) -> dict[str, f
     return out
 
 
-def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
+def colour_choice(
+    run_dir: str, split: str, *, blind: bool = False, caption_title: bool = False
+) -> str:
     """Does the model know the colour? For every vision dialogue of `split` whose first
     reference names one colour, the reference with each of the sample's 4 colour words put in
-    (all 2 characters) is scored by the model's likelihood; returns `right/total` argmaxes."""
+    (all 2 characters) is scored by the model's likelihood; returns `right/total` argmaxes.
+    `caption_title`: the true caption written before the title (does a text LLM read it?)."""
     import jax
     from flax import nnx
 
@@ -377,7 +441,7 @@ def colour_choice(run_dir: str, split: str, *, blind: bool = False) -> str:
     score = nnx.jit(lambda m, b: r.family.score(m, b, r.config))
     right = total = 0
     records = []
-    for record in r.records("vision"):
+    for record in r.records("vision", caption_title):
         reply = input_pipeline.as_text(list(record["responses"])[0])
         named = [w for w in words if w in reply]
         if len(named) == 1:
@@ -637,7 +701,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--variants", default="img,video,temporal")
-    p.add_argument("--llm_steps", type=int, default=LLM_STEPS)
+    p.add_argument(
+        "--llm",
+        default="tiny",
+        choices=("tiny", "reading"),
+        help="the frozen LLM: tiny (64-d, the dialogues only) or reading (small, "
+        "128-d, the dialogues + caption_copies: it reads captions in its prompt)",
+    )
+    p.add_argument(
+        "--llm_steps",
+        type=int,
+        default=None,
+        help=f"the text LLM's steps (tiny: {LLM_STEPS}, reading: {READING_STEPS})",
+    )
     p.add_argument("--caption_steps", type=int, default=CAPTION_STEPS,
                    help="the caption stage's steps per variant; 0: no caption stage")  # fmt: skip
     p.add_argument("--steps", type=int, default=BLIP2_STEPS, help="dialogue stage steps")
@@ -664,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from absl import logging
 
-    from tiktalk_jax import sample
+    from tiktalk_jax import input_pipeline, sample
 
     logging.set_verbosity(logging.WARNING)
     start = time.perf_counter()
@@ -677,8 +753,17 @@ def main(argv: list[str] | None = None) -> None:
     vit_dir = extract_vit(data_dir)
     print(f"data ready {time.perf_counter() - start:.0f} s", flush=True)
     runs = os.path.join(args.workdir, "runs")
-    llm_run = os.path.join(runs, "llm_text")
-    scores = {"LLM (text)": run(llm_config(data_dir, kinds, args.llm_steps), llm_run)}
+    reading = args.llm == "reading"
+    llm_tag = "_reading" if reading else ""  # in every BLIP-2 run's directory name
+    llm_steps = args.llm_steps or (READING_STEPS if reading else LLM_STEPS)
+    llm_run = os.path.join(runs, "llm_reading" if reading else "llm_text")
+    config = llm_config(data_dir, kinds, llm_steps, size="small" if reading else "tiny")
+    copies = None
+    if reading:
+        src = input_pipeline.open_split(input_pipeline.dataset_dir(data_dir), "train")
+        copies = caption_copies([dict(src[i]) for i in range(len(src))], video_attributes())
+        print(f"  {len(copies)} counterfactual caption copies, e.g. {copies[0]['title']}")
+    scores = {"LLM (text)": run(config, llm_run, extra_train=copies)}
     dirs = {"LLM (text)": llm_run}
     caption_dirs = {}
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -691,7 +776,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants.split(","):
             qformer_run = None
             if args.caption_steps:
-                tail = suffix + ("_instruct" if args.instruct else "")
+                tail = llm_tag + suffix + ("_instruct" if args.instruct else "")
                 qformer_run = os.path.join(
                     runs, f"blip2_{variant}_caption{args.caption_steps}{tail}"
                 )
@@ -702,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
             config = blip2_config(variant, data_dir, kinds, llm_run, args.steps,
                                   qformer_run=qformer_run, **settings)  # fmt: skip
             cap = "_cap" if qformer_run else ""
-            run_dir = os.path.join(runs, f"blip2_{variant}{cap}{args.tag}{suffix}")
+            run_dir = os.path.join(runs, f"blip2_{variant}{cap}{args.tag}{llm_tag}{suffix}")
             score = run(config, run_dir, args.train_kinds)
             by_seed.setdefault(variant, {})[seed] = run_dir
             if seed == seeds[0]:  # the single-seed tables below: the first seed's runs
@@ -711,10 +796,20 @@ def main(argv: list[str] | None = None) -> None:
                 if qformer_run:
                     caption_dirs[variant] = qformer_run
     text = table(scores)
+    if reading:  # the point of the reading LLM: it names a colour written into its prompt
+        read = {split: (colour_choice(llm_run, split, caption_title=True),
+                        colour_choice(llm_run, split)) for split in ("test", "val")}  # fmt: skip
+        text = (
+            "The reading LLM names the colour (vision replies, by likelihood, chance 25%) with "
+            "the true caption before the title / without: "
+            + ", ".join(f"{k} {a} / {b}" for k, (a, b) in read.items())
+            + "\n\n"
+            + text
+        )
     shown = {k: v for k, v in settings.items() if v is not None and k != "seed"}
     text = (
-        f"LLM {args.llm_steps} steps, caption stage {args.caption_steps} steps, dialogue stage "
-        f"{args.steps} steps {json.dumps({**shown, 'seeds': seeds})}"
+        f"LLM {args.llm} {llm_steps} steps, caption stage {args.caption_steps} steps, dialogue "
+        f"stage {args.steps} steps {json.dumps({**shown, 'seeds': seeds})}"
         f"{' (tables of seed ' + str(seeds[0]) + ')' if len(seeds) > 1 else ''}"
         f"{' on ' + args.train_kinds + ' dialogues' if args.train_kinds else ''} "
         f"(training and evaluation {time.perf_counter() - start:.0f} s; runs already in "

@@ -9,8 +9,10 @@ init_from=/ckpt/Qwen2.5-7B-Instruct,tokenizer=/ckpt/Qwen2.5-7B-Instruct \
         --workdir=/tmp/llm_tiny
 
 The config argument (comma-separated `key=value`):
-  size       tiny | qwen2.5-0.5b | qwen2.5-7b | glm4-9b (`llm.SHAPES`): the random-init shape
-             and the training settings (tiny: CPU tests; the others: the LLM settings below).
+  size       tiny | small | qwen2.5-0.5b | qwen2.5-7b | glm4-9b (`llm.SHAPES`): the random-init
+             shape and the training settings (tiny: CPU tests; small: tiny's settings at lr 3e-3,
+             the CPU LLM that learns to read its prompt, benchmarks/blip2_vision.py
+             --llm=reading; the others: the LLM settings below).
              With init_from the checkpoint's config.json gives the shape.
   lora       True (default): LoRA adapters on every block projection, the base frozen
              (`config.frozen = lora.frozen_regex()`); False: full fine-tuning (no adapters,
@@ -27,13 +29,14 @@ Every field is also overridable as --config.x=y.
 
 The paper fine-tunes ChatGLM-6B on TikTalk text and gives no recipe; ChatGLM-6B itself (the
 GLM-130B-style architecture) is not ported, GLM-4 and the Qwen / Llama decoders are. Settings
-(size != tiny): the chat prompt of at most 224 tokens (title <= 32, the latest turns), response
-<= 32 tokens, global batch 32, bf16 compute, one epoch of the 363,589 train dialogues; LoRA:
-rank 8, alpha 16, q/k/v/out/gate/up/down, lr 2e-4, no weight decay, frozen bf16 base, blocks
-rematerialised in the backward pass; full fine-tuning: lr 1e-5, weight decay 0.01. Linear warmup
-(3% of the steps) then linear decay to 0, clipping 1.0. Decoding: beam 5, at most 30 tokens (the
-original BLIP-2's, whose LLM in the paper is this fine-tuned ChatGLM-6B). The per-device memory of
-the 7B LoRA step on 8 devices is in docs/scaling.md (benchmarks/llm_aot_memory.py).
+(sizes other than tiny / small): the chat prompt of at most 224 tokens (title <= 32, the latest
+turns), response <= 32 tokens, global batch 32, bf16 compute, one epoch of the 363,589 train
+dialogues; LoRA: rank 8, alpha 16, q/k/v/out/gate/up/down, lr 2e-4, no weight decay, frozen bf16
+base, blocks rematerialised in the backward pass; full fine-tuning: lr 1e-5, weight decay 0.01.
+Linear warmup (3% of the steps) then linear decay to 0, clipping 1.0. Decoding: beam 5, at most 30
+tokens (the original BLIP-2's, whose LLM in the paper is this fine-tuned ChatGLM-6B). The
+per-device memory of the 7B LoRA step on 8 devices is in docs/scaling.md
+(benchmarks/llm_aot_memory.py).
 
 Evaluation decodes hypotheses with the run's tokenizer (the family's `decode_text` hook,
 `llm_inputs.decode_text`): up to the template's end token or eos, byte-level BPE decoded to
@@ -68,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if args.size not in llm.SHAPES:
         raise ValueError(f"size must be one of {sorted(llm.SHAPES)}, got {args.size!r}")
-    tiny = args.size == "tiny"
+    # tiny and small are CPU sizes: the sample's short inputs, float32, small batches.
+    tiny = args.size in ("tiny", "small")
 
     config = common.base_config()
     config.model = llm.model_config(
@@ -100,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opt = config.optim
     if tiny:
         config.total_steps = 200
-        opt.lr, opt.warmup_steps = 1e-2, 10
+        # small: the lr its sample runs were measured at (docs/blip2_vision.md).
+        opt.lr, opt.warmup_steps = (1e-2 if args.size == "tiny" else 3e-3), 10
     else:
         config.total_steps = epoch
         opt.lr = 2e-4 if args.lora else 1e-5

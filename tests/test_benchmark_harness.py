@@ -209,3 +209,95 @@ def test_blip2_vision_seed_summary():
     # Colour: LLM 2+3 of 18; BLIP-2 5+4+1+2 of 36, blind 2+1+3+2; text CIDEr means.
     assert "| LLM (text) | 5/18 | - | 245.0 |" in text
     assert "| BLIP-2 video (2 seeds) | 12/36 | 8/36 | 100.0 |" in text
+
+
+def test_blip2_vision_caption_copies():
+    """The reading LLM's counterfactual copies: one per dialogue of a known, good video; its
+    title starts with a caption of a drawn colour and shape, and its context and replies name
+    that colour and shape where the original named the video's, so only the title tells it."""
+    import blip2_vision
+
+    from tiktalk_jax import sample
+
+    attrs = {
+        "v1": {"colour": "red", "shape": "circle"},
+        "v2": {"colour": "blue", "shape": "square"},
+        "bad": {"colour": "green", "shape": "circle", "bad": True},
+    }
+    records = [
+        dict(
+            dialogue_id=f"d{i}",
+            video_id=v,
+            title="大家觉得怎么样",
+            context=["这是什么", f"{sample.COLOURS[attrs[v]['colour']][0]}的吧"],
+            responses=[
+                f"一个{sample.COLOURS[attrs[v]['colour']][0]}的{sample.SHAPES[attrs[v]['shape']]}",
+                "同问",
+            ],
+        )
+        for i, v in enumerate(["v1", "v2", "bad", "v1"] * 10)
+    ] + [dict(dialogue_id="u", video_id="unknown", title="t", context=["c"], responses=["r"])]
+    before = json.dumps(records, ensure_ascii=False)
+    copies = blip2_vision.caption_copies(records, attrs)
+    assert json.dumps(records, ensure_ascii=False) == before  # the originals are untouched
+    assert [c["dialogue_id"] for c in copies] == [
+        r["dialogue_id"] + "#cap" for r in records if r["video_id"] in ("v1", "v2")
+    ]
+    colours = {w: c for c, (w, _) in sample.COLOURS.items()}
+    shapes = {w: s for s, w in sample.SHAPES.items()}
+    drawn = set()
+    for copy in copies:
+        caption, title = copy["title"].split("，")
+        assert title == "大家觉得怎么样" and caption.startswith("一个") and "的" in caption
+        colour, shape = caption[2:].split("的")
+        assert colour in colours and shape in shapes
+        drawn.add((colour, shape))
+        assert copy["context"] == ["这是什么", f"{colour}的吧"]
+        assert copy["responses"] == [f"一个{colour}的{shape}", "同问"]
+        original = next(r for r in records if r["dialogue_id"] + "#cap" == copy["dialogue_id"])
+        assert copy["video_id"] == original["video_id"]
+    assert len(drawn) > 3  # drawn, not copied from the video
+    # Seeded by the dialogue id: the same copies in another order.
+    again = blip2_vision.caption_copies(records[::-1], attrs)
+    assert sorted(again, key=lambda c: c["dialogue_id"]) == sorted(
+        copies, key=lambda c: c["dialogue_id"]
+    )
+
+
+def test_blip2_vision_run_trains_on_the_split_plus_extra_records(monkeypatch, tmp_path):
+    """`run(extra_train=)` trains on the train split then the extra records, `train_kinds`
+    filters the split only, and a family with its own train source refuses both."""
+    import types
+
+    import blip2_vision
+
+    from configs import blip2 as blip2_config
+    from configs import llm_text
+    from tiktalk_jax import input_pipeline
+    from tiktalk_jax import main as entry
+
+    split = [dict(dialogue_id=f"d{i}", title="t", context=["c"], responses=["r"]) for i in range(3)]
+    kinds = tmp_path / "kinds.json"
+    kinds.write_text(json.dumps({"d0": "vision", "d1": "text", "d2": "vision"}))
+    monkeypatch.setattr(input_pipeline, "dataset_dir", lambda d: d)
+    monkeypatch.setattr(input_pipeline, "open_split", lambda d, s: split if s == "train" else None)
+    monkeypatch.setattr(input_pipeline, "make_datasets", lambda c, side_tables, sources: sources)
+    result = lambda c, d, datasets: (types.SimpleNamespace(scores=datasets), 0, 0)  # noqa: E731
+    monkeypatch.setattr(entry, "train_and_evaluate_variant", result)
+    config = llm_text.get_config(f"size=small,lora=false,data_dir={tmp_path},kinds_file={kinds}")
+    extra = [dict(dialogue_id="x", title="t", context=["c"], responses=["r"])]
+    got = blip2_vision.run(config, str(tmp_path / "a"), extra_train=extra)
+    assert [r["dialogue_id"] for r in got["train"]] == ["d0", "d1", "d2", "x"]
+    got = blip2_vision.run(config, str(tmp_path / "b"), train_kinds="vision", extra_train=extra)
+    assert [r["dialogue_id"] for r in got["train"]] == ["d0", "d2", "x"]
+    captions = tmp_path / "captions.json"
+    mixed = blip2_config.get_config(
+        f"variant=video,size=tiny,data_dir={tmp_path},captions={captions},caption_mix=2"
+    )
+    from tiktalk_jax.models import registry
+
+    family = registry.get(mixed.model.name)
+    own_source = dict(side_tables=None, sources={"train": split})
+    monkeypatch.setattr(type(family), "data_inputs", lambda self, c: own_source)
+    with pytest.raises(ValueError, match="builds its own train source"):
+        blip2_vision.run(mixed, str(tmp_path / "c"), extra_train=extra)

@@ -285,6 +285,20 @@ def test_lora_baseline_trains_and_evaluates_on_the_sample(data_dir, tmp_path):
     assert any(g["hypothesis"] for g in lines)
 
 
+def test_small_is_a_cpu_size_with_its_own_shape(data_dir):
+    """size=small: the 128-d 4-layer shape (HF init scale) on tiny's CPU settings, lr 3e-3."""
+    tiny = llm_text.get_config(f"size=tiny,lora=false,data_dir={data_dir}")
+    small = llm_text.get_config(f"size=small,lora=false,data_dir={data_dir}")
+    assert (small.optim.lr, tiny.optim.lr) == (3e-3, 1e-2)
+    assert small.model.shape == "small" and small.model.dtype == "float32"
+    assert small.input.to_dict() == tiny.input.to_dict()
+    model = registry.get("llm").build(small, nnx.Rngs(0))
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (128, 384, 4)
+    std = float(np.std(np.asarray(model.layers[0].mlp.up.kernel.get_value())))
+    assert 0.015 < std < 0.025  # initializer_range 0.02 (tiny: 0.2)
+
+
 def test_full_fine_tuning_is_a_config_switch(data_dir):
     config = llm_text.get_config(f"size=tiny,lora=False,data_dir={data_dir}")
     assert config.frozen == "" and config.model.lora.rank == 0

@@ -631,6 +631,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         # adapters on it; at 0.02 its head is near uniform and the loss barely moves).
         initializer_range=0.2,
     ),
+    # A CPU-sized LLM that, fully fine-tuned on the sample, learns to read its prompt (it names a
+    # colour written into the title; `tiny` does not): the frozen LLM of benchmarks/blip2_vision.py
+    # --llm=reading. Init at 0.02 as HF's: it is trained, not steered by adapters.
+    "small": dict(
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.02,
+    ),
     "qwen2.5-0.5b": dict(
         model_type="qwen2",
         vocab_size=151936,
