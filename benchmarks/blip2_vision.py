@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{' (tables of seed ' + str(seeds[0]) + ')' if len(seeds) > 1 else ''}"
         f"{' on ' + args.train_kinds + ' dialogues' if args.train_kinds else ''} "
         f"(training and evaluation {time.perf_counter() - start:.0f} s; runs already in "
-        "--workdir are reused)\n\n{text}\n"
+        f"--workdir are reused)\n\n{text}\n"
     )
     text += "\nColour chosen right on the vision dialogues (reference with each colour word, by "
     text += "likelihood; chance 25%)\n\n| run | train | test | test without frames |\n"
