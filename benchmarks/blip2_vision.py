@@ -2,7 +2,8 @@ r"""BLIP-2 on the bundled sample: do the visual variants beat the text-only LLM 
 need vision? Writes docs/blip2_vision.md's tables.
 
     python benchmarks/blip2_vision.py --workdir=/tmp/blip2_vision [--variants=img,video,temporal]
-        [--llm_steps=N] [--steps=N] [--seeds=0,1,2 --splits=test,val] [--out=FILE] [--probe]
+        [--llm=tiny|reading] [--llm_steps=N] [--steps=N] [--seeds=0,1,2 --splits=test,val]
+        [--out=FILE] [--probe]
 
 Steps (each reused when --workdir already has its output):
   1. the sample prepared as `make demo` does (`main.prepare_sample`: release, TFDS build, vocab);
