@@ -32,6 +32,7 @@ Q-Former's prefix varies between videos compared with its size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -100,6 +101,16 @@ def llm_config(data_dir: str, kinds: str, steps: int, size: str = "tiny"):
     return config
 
 
+def captioned_title(colour: str, shape: str, title) -> str:
+    """The title with a caption written before it, "一个<colour>的<shape>，<title>" (Chinese
+    colour and shape words): how `caption_copies` and `colour_choice(caption_title=True)` put
+    a caption into a text LLM's prompt."""
+    from tiktalk_jax import sample
+    from tiktalk_jax.input_pipeline import as_text
+
+    return sample.CAPTION_TEMPLATES[0].format(c=colour, s=shape) + "，" + as_text(title)
+
+
 def caption_copies(records: list[dict], attrs: dict[str, dict]) -> list[dict]:
     """Counterfactual caption copies that teach a text LLM to read its prompt. For every train
     dialogue whose video has known attributes (`video_attributes`; bad videos skipped), a copy
@@ -128,9 +139,8 @@ def caption_copies(records: list[dict], attrs: dict[str, dict]) -> list[dict]:
             text = as_text(text).replace(old[0], "\0").replace(old[1], "\1")
             return text.replace("\0", new[0]).replace("\1", new[1])
 
-        caption = sample.CAPTION_TEMPLATES[0].format(c=new[0], s=new[1])
         out.append(dict(record, dialogue_id=dialogue_id + "#cap",
-                        title=caption + "，" + as_text(record["title"]),
+                        title=captioned_title(*new, record["title"]),
                         context=[swap(t) for t in record["context"]],
                         responses=[swap(t) for t in record["responses"]]))  # fmt: skip
     return out
@@ -243,8 +253,10 @@ def table(scores: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def video_attributes() -> dict[str, dict]:
-    """Every sample video's colour / shape / split (the sample is deterministic in its seed)."""
+    """Every sample video's colour / shape / split (the sample is deterministic in its seed;
+    writing it takes seconds, so once per process; callers only read the dict)."""
     from tiktalk_jax import sample
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,10 +394,8 @@ class _Run:
                 record[t.name] = t.source[t.index()[as_text(record[t.dialogue_field])]]
             a = attrs.get(as_text(record["video_id"]))
             if a and not a.get("bad"):
-                caption = sample.CAPTION_TEMPLATES[0].format(
-                    c=sample.COLOURS[a["colour"]][0], s=sample.SHAPES[a["shape"]]
-                )
-                record["title"] = caption + "，" + as_text(record["title"])
+                colour, shape = sample.COLOURS[a["colour"]][0], sample.SHAPES[a["shape"]]
+                record["title"] = captioned_title(colour, shape, record["title"])
             out.append(record)
         return out
 

@@ -72,15 +72,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.size not in llm.SHAPES:
         raise ValueError(f"size must be one of {sorted(llm.SHAPES)}, got {args.size!r}")
     # tiny and small are CPU sizes: the sample's short inputs, float32, small batches.
-    tiny = args.size in ("tiny", "small")
+    cpu = args.size in ("tiny", "small")
 
     config = common.base_config()
     config.model = llm.model_config(
         shape=args.size,
-        dtype="float32" if tiny else "bfloat16",
+        dtype="float32" if cpu else "bfloat16",
         # A frozen base is stored in the compute dtype; trained weights keep float32 masters.
-        param_dtype="bfloat16" if args.lora and not tiny else "float32",
-        remat=not tiny,
+        param_dtype="bfloat16" if args.lora and not cpu else "float32",
+        remat=not cpu,
     )
     config.model.init_from = common.optional_str(args.init_from)
     config.model.lora.rank = int(args.rank) if args.lora else 0
@@ -92,17 +92,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     inp.tokenizer = common.optional_str(args.tokenizer)
     inp.train_split = "train"
     inp.eval_splits = ("val",)
-    inp.max_title_len = 16 if tiny else 32
-    inp.max_context_len = 64 if tiny else 224
-    inp.max_response_len = 24 if tiny else 32
+    inp.max_title_len = 16 if cpu else 32
+    inp.max_context_len = 64 if cpu else 224
+    inp.max_response_len = 24 if cpu else 32
     inp.num_references = 5
-    inp.batch_size = 16 if tiny else 32
-    inp.eval_batch_size = 16 if tiny else 32
+    inp.batch_size = 16 if cpu else 32
+    inp.eval_batch_size = 16 if cpu else 32
 
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     epoch = TRAIN_DIALOGUES // inp.batch_size
     opt = config.optim
-    if tiny:
+    if cpu:
         config.total_steps = 200
         # small: the lr its sample runs were measured at (docs/blip2_vision.md).
         opt.lr, opt.warmup_steps = (1e-2 if args.size == "tiny" else 3e-3), 10
@@ -113,11 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opt.end_lr_fraction = 0.0
     opt.weight_decay = 0.0 if args.lora else 0.01
     opt.clip_norm = 1.0
-    config.log_every = 20 if tiny else 100
-    config.checkpoint_every = 100 if tiny else 1000
-    config.eval_every = 0 if tiny else 2000
+    config.log_every = 20 if cpu else 100
+    config.checkpoint_every = 100 if cpu else 1000
+    config.eval_every = 0 if cpu else 2000
     config.keep_checkpoints = 3
 
     config.decode = llm.decode_config()
-    config.eval = common.eval_config(20 if tiny else 5, args.kinds_file)
+    config.eval = common.eval_config(20 if cpu else 5, args.kinds_file)
     return config
